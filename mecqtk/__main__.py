@@ -1,0 +1,3 @@
+from mecqtk.cli import main
+
+main()

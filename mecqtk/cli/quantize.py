@@ -1,0 +1,56 @@
+"""`mecqtk quantize`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from mecqtk.cli.render import render_summary
+
+
+@click.command("quantize")
+@click.option("--model", required=True, help="timm model name, e.g. resnet18 or cifar_resnet20.")
+@click.option("--recipe", required=True,
+              help="Recipe YAML path, or the name of a bundled recipe (w4a4_lsq.yaml).")
+@click.option("--data", required=True,
+              help="imagefolder:PATH (train/ and val/ or test/) or cifar10:PATH.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False),
+              help="Full-precision weights to start from (state_dict or {'state_dict': ...}).")
+@click.option("--pretrained", is_flag=True, help="Start from timm's pretrained weights (online).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Run folder [default: runs/<model>_<recipe>].")
+@click.option("--epochs", type=click.IntRange(min=0), help="Override the recipe's train.epochs.")
+@click.option("--limit-train", type=click.IntRange(min=1), help="Class-balanced training subset.")
+@click.option("--limit-val", type=click.IntRange(min=1), help="Class-balanced evaluation subset.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Data-loading worker processes.")
+@click.option("--force", is_flag=True, help="Replace a run already in --out.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON line.")
+def quantize_command(model, recipe, data, checkpoint, pretrained, out, epochs, limit_train,
+                     limit_val, device, workers, force, as_json) -> None:
+    """Quantize MODEL as RECIPE says, train it on DATA, and write a run folder.
+
+    \b
+    Example:
+      mecqtk quantize --model cifar_resnet20 \\
+          --checkpoint ../shared/data/weights/cifar-resnet/resnet20-12fca82f.th \\
+          --recipe w4a4_lsq.yaml --data imagefolder:../shared/data/cifar10-jpeg \\
+          --epochs 1 --out runs/r20_w4a4
+    """
+    from mecqtk.run import QuantizeOptions, quantize
+
+    if out is None:
+        out = Path("runs") / f"{model}_{Path(recipe).stem}"
+    summary = quantize(QuantizeOptions(
+        model=model, recipe=recipe, data=data, out=out, checkpoint=checkpoint,
+        pretrained=pretrained, epochs=epochs, limit_train=limit_train, limit_val=limit_val,
+        device=device, force=force, workers=workers,
+    ))
+    if as_json:
+        click.echo(json.dumps(summary.as_json()))
+    else:
+        render_summary(summary)

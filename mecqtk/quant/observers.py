@@ -1,0 +1,101 @@
+"""Calibration observers: they watch tensors before training and propose initial step sizes.
+
+Every observer reduces what it saw to a step size per channel (or one per tensor) with the same
+arithmetic as the quantizer, so an MSE-optimal step is optimal for the grid actually used.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mecqtk.quant.arith import fake_quantize
+
+# Activations can be large; a fixed-size random sample per batch keeps calibration memory flat
+# while still seeing every batch.
+SAMPLES_PER_BATCH = 1 << 16
+
+
+class Observer:
+    """Collects statistics of a tensor; ``axis`` is the channel axis for per-channel steps."""
+
+    def __init__(self, axis: int | None = None) -> None:
+        self.axis = axis
+        self.samples: list[torch.Tensor] = []
+        self._generator = torch.Generator().manual_seed(0)
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as [channels, values] (one row for a per-tensor observer)."""
+        x = x.detach().float()
+        if self.axis is None:
+            return x.reshape(1, -1)
+        return x.transpose(0, self.axis).reshape(x.shape[self.axis], -1)
+
+    def update(self, x: torch.Tensor) -> None:
+        rows = self._rows(x)
+        if self.axis is None and rows.shape[1] > SAMPLES_PER_BATCH:
+            index = torch.randint(rows.shape[1], (SAMPLES_PER_BATCH,), generator=self._generator)
+            rows = rows[:, index.to(rows.device)]
+        self.samples.append(rows)
+
+    def data(self) -> torch.Tensor:
+        if not self.samples:
+            raise RuntimeError("observer saw no data; run calibration batches first")
+        return torch.cat(self.samples, dim=1)
+
+    def compute_scale(self, qmin: int, qmax: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _bound(qmin: int, qmax: int) -> int:
+    return max(-qmin, qmax)
+
+
+def _safe(scale: torch.Tensor) -> torch.Tensor:
+    return scale.clamp_min(1e-8)
+
+
+class MinMaxObserver(Observer):
+    """Step so that the largest magnitude seen lands on the last code."""
+
+    def compute_scale(self, qmin: int, qmax: int) -> torch.Tensor:
+        return _safe(self.data().abs().amax(dim=1) / _bound(qmin, qmax))
+
+
+class PercentileObserver(Observer):
+    """Step from a high percentile of |x|: ignores rare outliers that min-max would chase."""
+
+    def __init__(self, axis: int | None = None, percentile: float = 99.99) -> None:
+        super().__init__(axis)
+        self.q = percentile / 100.0
+
+    def compute_scale(self, qmin: int, qmax: int) -> torch.Tensor:
+        data = self.data().abs()
+        if data.shape[1] > 1 << 24:
+            data = data[:, : 1 << 24]
+        return _safe(torch.quantile(data, self.q, dim=1) / _bound(qmin, qmax))
+
+
+class LSQInitObserver(Observer):
+    """LSQ's own initialisation ``2 * mean|x| / sqrt(Qp)``."""
+
+    def compute_scale(self, qmin: int, qmax: int) -> torch.Tensor:
+        return _safe(2.0 * self.data().abs().mean(dim=1) / max(qmax, 1) ** 0.5)
+
+
+class MSEObserver(Observer):
+    """Step minimising the mean squared quantization error, by a grid search over clip ratios."""
+
+    GRID = 100
+
+    def compute_scale(self, qmin: int, qmax: int) -> torch.Tensor:
+        data = self.data()
+        top = _safe(data.abs().amax(dim=1) / _bound(qmin, qmax))
+        best_err = torch.full_like(top, float("inf"))
+        best = top.clone()
+        for step in range(self.GRID, 0, -1):
+            candidate = _safe(top * (step / self.GRID))
+            err = (fake_quantize(data, candidate[:, None], qmin, qmax) - data).pow_(2).mean(dim=1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = torch.where(better, candidate, best)
+        return best

@@ -1,0 +1,41 @@
+"""Recipes: typed run configuration, loaded and validated once from YAML."""
+
+from mecqtk.recipe.loader import (
+    bundled_recipe_dir,
+    bundled_recipes,
+    dump_recipe,
+    load_recipe,
+    recipe_from_dict,
+    resolve_recipe_path,
+)
+from mecqtk.recipe.schema import (
+    CalibrationConfig,
+    LayerMatch,
+    LayerRule,
+    OptimizerConfig,
+    QuantConfig,
+    QuantizerConfig,
+    QuantizerOverride,
+    Recipe,
+    ScheduleConfig,
+    TrainConfig,
+)
+
+__all__ = [
+    "CalibrationConfig",
+    "LayerMatch",
+    "LayerRule",
+    "OptimizerConfig",
+    "QuantConfig",
+    "QuantizerConfig",
+    "QuantizerOverride",
+    "Recipe",
+    "ScheduleConfig",
+    "TrainConfig",
+    "bundled_recipe_dir",
+    "bundled_recipes",
+    "dump_recipe",
+    "load_recipe",
+    "recipe_from_dict",
+    "resolve_recipe_path",
+]

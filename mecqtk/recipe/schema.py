@@ -1,0 +1,152 @@
+"""The recipe: typed, frozen configuration of one quantization run.
+
+YAML is only the serialisation of these dataclasses (see :mod:`mecqtk.recipe.loader`). Each section
+checks its own cross-field rules in ``__post_init__``; single-field ranges and allowed names are
+declared on the field with :func:`~mecqtk.recipe.validate.constrained`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from mecqtk.errors import RecipeError
+from mecqtk.recipe.validate import constrained
+
+
+def _quantizer_names() -> list[str]:
+    from mecqtk.quant.registry import QUANTIZERS
+
+    return list(QUANTIZERS)
+
+
+def _observer_names() -> list[str]:
+    from mecqtk.quant.registry import OBSERVERS
+
+    return list(OBSERVERS)
+
+
+Granularity = Literal["per_tensor", "per_channel"]
+Signedness = Literal["auto", "signed", "unsigned"]
+OpKind = Literal["conv", "linear", "matmul", "add", "cat", "pool"]
+
+
+@dataclass(frozen=True)
+class QuantizerConfig:
+    """How one kind of tensor (weights or activations) is fake-quantized."""
+
+    bits: int = constrained(4, ge=2, le=8, doc="bit width of the integer grid")
+    quantizer: str = constrained("lsq", choices=_quantizer_names, doc="quantizer by registry name")
+    granularity: Granularity = "per_tensor"
+    observer: str = constrained(
+        "mse", choices=_observer_names, doc="how the step size is initialised by calibration"
+    )
+    signed: Signedness = "auto"
+
+
+@dataclass(frozen=True)
+class QuantizerOverride:
+    """Fields a layer rule may change; ``None`` keeps the value from the defaults."""
+
+    bits: int | None = constrained(None, ge=2, le=8)
+    quantizer: str | None = constrained(None, choices=_quantizer_names)
+    granularity: Granularity | None = None
+    observer: str | None = constrained(None, choices=_observer_names)
+    signed: Signedness | None = None
+
+
+@dataclass(frozen=True)
+class LayerMatch:
+    """Which layers a rule applies to; every given condition must hold."""
+
+    name: str | None = constrained(
+        None, doc="module name: a glob (layer1.*.conv1) or a regex written re:<pattern>"
+    )
+    op: tuple[OpKind, ...] = ()
+    position: Literal["any", "first", "last"] = "any"
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """An ordered per-layer rule: the first matching rule wins for each field it sets."""
+
+    match: LayerMatch = field(default_factory=LayerMatch)
+    weight: QuantizerOverride = field(default_factory=QuantizerOverride)
+    activation: QuantizerOverride = field(default_factory=QuantizerOverride)
+    skip: bool = False
+
+    def __post_init__(self) -> None:
+        if self.match == LayerMatch():
+            raise RecipeError("match: a rule needs at least one of name, op, position")
+
+
+def _default_rules() -> tuple[LayerRule, ...]:
+    eight_bits = QuantizerOverride(bits=8)
+    return (
+        LayerRule(match=LayerMatch(position="first"), weight=eight_bits, activation=eight_bits),
+        LayerRule(match=LayerMatch(position="last"), weight=eight_bits, activation=eight_bits),
+    )
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    batches: int = constrained(4, ge=1, doc="batches of training data seen before training")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    weight: QuantizerConfig = field(
+        default_factory=lambda: QuantizerConfig(granularity="per_channel", signed="signed")
+    )
+    activation: QuantizerConfig = field(default_factory=QuantizerConfig)
+    rules: tuple[LayerRule, ...] = field(default_factory=_default_rules)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    leaf_modules: tuple[str, ...] = constrained(
+        (), doc="module class names the tracer keeps whole (their inner Conv/Linear still quantized)"
+    )
+
+    def __post_init__(self) -> None:
+        if self.weight.signed == "unsigned":
+            raise RecipeError("weight.signed: weights are always signed; use signed or auto")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = constrained(0.01, gt=0.0)
+    momentum: float = constrained(0.9, ge=0.0, lt=1.0)
+    nesterov: bool = True
+    weight_decay: float = constrained(1e-4, ge=0.0)
+    quantizer_lr_scale: float = constrained(
+        1.0, gt=0.0, doc="learning-rate multiplier for step sizes (no weight decay on them)"
+    )
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    name: Literal["cosine", "onecycle", "step", "constant"] = "cosine"
+    warmup_epochs: float = constrained(0.0, ge=0.0)
+    step_epochs: int = constrained(30, ge=1, doc="epochs between lr drops (name: step)")
+    step_gamma: float = constrained(0.1, gt=0.0, le=1.0)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = constrained(1, ge=0)
+    batch_size: int = constrained(128, ge=1)
+    eval_batch_size: int = constrained(256, ge=1)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    label_smoothing: float = constrained(0.0, ge=0.0, lt=1.0)
+    grad_clip: float | None = constrained(None, gt=0.0, doc="max global grad norm")
+    seed: int = constrained(0, ge=0)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A whole quantization run: what is quantized and how it is trained."""
+
+    name: str = ""
+    description: str = ""
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)

@@ -1,0 +1,127 @@
+"""The run folder: what `mecqtk quantize` writes, and how later commands read it back."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+import yaml
+
+from mecqtk.errors import MecqtkError, ModelError
+from mecqtk.io import atomic_write_json, atomic_write_text
+from mecqtk.recipe import Recipe, dump_recipe, recipe_from_dict
+
+RECIPE = "recipe.yaml"
+INFO = "run.json"
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+
+
+@dataclass
+class RunInfo:
+    """How the model of a run is rebuilt: everything besides the recipe and the weights."""
+
+    model: str
+    num_classes: int
+    data: str
+    class_names: list[str] = field(default_factory=list)
+    input_size: list[int] = field(default_factory=lambda: [3, 32, 32])
+    mean: list[float] = field(default_factory=list)
+    std: list[float] = field(default_factory=list)
+    checkpoint_source: str | None = None
+    mecqtk_version: str = ""
+
+
+class RunDir:
+    """Paths and readers/writers of one run folder."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / CHECKPOINT
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / METRICS
+
+    def holds_a_run(self) -> bool:
+        return any((self.path / name).exists() for name in (CHECKPOINT, SUMMARY, METRICS, INFO))
+
+    def write_recipe(self, recipe: Recipe) -> None:
+        atomic_write_text(self.path / RECIPE, dump_recipe(recipe))
+
+    def write_info(self, info: RunInfo) -> None:
+        atomic_write_json(self.path / INFO, asdict(info))
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        atomic_write_json(self.path / SUMMARY, summary)
+
+    def read_recipe(self) -> Recipe:
+        return recipe_from_dict(yaml.safe_load((self.path / RECIPE).read_text()))
+
+    def read_info(self) -> RunInfo:
+        return RunInfo(**json.loads((self.path / INFO).read_text()))
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics.exists():
+            return []
+        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line]
+
+    def require(self) -> None:
+        """Raise a one-line error unless this folder holds a finished or resumable run."""
+        if not self.path.is_dir():
+            raise MecqtkError(f"{self.path}: no such run folder")
+        missing = [n for n in (RECIPE, INFO, CHECKPOINT) if not (self.path / n).is_file()]
+        if missing:
+            raise MecqtkError(
+                f"{self.path}: not a mecqtk run folder (missing {', '.join(missing)}); "
+                "give the --out folder of a `mecqtk quantize` run"
+            )
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a run checkpoint safely (weights_only) onto the CPU, with a one-line error if broken."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ModelError(f"{path}: checkpoint not found") from None
+    except Exception as err:
+        raise ModelError(f"{path}: corrupt or truncated checkpoint ({type(err).__name__})") from None
+    if not isinstance(state, dict) or "state_dict" not in state:
+        raise ModelError(f"{path}: not a mecqtk checkpoint (no state_dict)")
+    return state
+
+
+def load_quantized_model(
+    run: str | Path, device: str | torch.device = "cpu"
+) -> tuple[fx.GraphModule, RunInfo, Recipe]:
+    """Rebuild the trained fake-quantized model of a run folder.
+
+    Example:
+        >>> qmodel, info, recipe = load_quantized_model("runs/r20_w4a4")
+    """
+    from mecqtk.graph import prepare
+    from mecqtk.models import create_model
+
+    run_dir = RunDir(run)
+    run_dir.require()
+    info = run_dir.read_info()
+    recipe = run_dir.read_recipe()
+    model = create_model(info.model, num_classes=info.num_classes)
+    qmodel = prepare(model, recipe)
+    state = load_checkpoint(run_dir.checkpoint)
+    try:
+        qmodel.load_state_dict(state["state_dict"])
+    except RuntimeError as err:
+        raise ModelError(
+            f"{run_dir.checkpoint}: does not fit {info.model} with this recipe: "
+            f"{str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else err}"
+        ) from None
+    return qmodel.to(device).eval(), info, recipe
