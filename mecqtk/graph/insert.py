@@ -57,6 +57,11 @@ def insert_quantizers(gm: fx.GraphModule) -> fx.GraphModule:
             if spec is None or not isinstance(source, fx.Node):
                 continue
             node.update_arg(index, _activation_quantizer(gm, source, spec, made))
+        if quant.output is not None:
+            users = list(node.users)
+            quantized = _activation_quantizer(gm, node, quant.output, made)
+            for user in users:
+                user.replace_input_with(node, quantized)
     return gm
 
 
