@@ -18,6 +18,7 @@ from mecqtk.graph import prepare
 from mecqtk.io import append_jsonl, atomic_torch_save
 from mecqtk.models import create_model
 from mecqtk.progress import progress_bar, say
+from mecqtk.quant.arith import use_compiled_kernels
 from mecqtk.quant.calibrate import calibrate
 from mecqtk.recipe import Recipe, load_recipe
 from mecqtk.rundir import RunDir, RunInfo
@@ -105,6 +106,7 @@ def quantize(options: QuantizeOptions) -> RunSummary:
         )
     device = resolve_device(options.device)
     seed_everything(recipe.train.seed)
+    use_compiled_kernels(recipe.train.fused_quantizers)
 
     num_classes, class_names = peek_num_classes(options.data)
     model = create_model(options.model, num_classes=num_classes, pretrained=options.pretrained,

@@ -140,6 +140,9 @@ class TrainConfig:
     label_smoothing: float = constrained(0.0, ge=0.0, lt=1.0)
     grad_clip: float | None = constrained(None, gt=0.0, doc="max global grad norm")
     seed: int = constrained(0, ge=0)
+    fused_quantizers: bool = constrained(
+        True, doc="run fake-quant arithmetic through torch.compile (bit-identical, much faster)"
+    )
 
 
 @dataclass(frozen=True)
