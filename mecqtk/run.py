@@ -149,7 +149,7 @@ def quantize(options: QuantizeOptions) -> RunSummary:
     quant_top1 = calib_top1
     step = 0
     for epoch in range(epochs):
-        data.set_epoch(epoch)
+        data.train_loader.set_epoch(epoch)
         epoch_start = time.perf_counter()
         with progress_bar(f"epoch {epoch + 1}/{epochs}", steps_per_epoch, show) as advance:
             stats = train_one_epoch(
