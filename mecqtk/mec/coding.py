@@ -118,7 +118,7 @@ def taylor_radius_bound(z1: Tensor, z2: Tensor | None = None, *, eps2: float) ->
 
 
 def unit_pair(z1: Tensor, z2: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Check two ``(m, d)`` views and return them with L2-normalised rows (``z2=None``: z1 twice)."""
+    """Check two ``(m, d)`` views; return them with unit rows (``z2=None``: ``z1`` twice)."""
     if z1.dim() != 2 or not z1.is_floating_point():
         raise ValueError(f"features must be a 2-D float tensor (m, d), got {_describe(z1)}")
     if z1.shape[0] < 1 or z1.shape[1] < 1:

@@ -45,8 +45,9 @@ def log_det_identity_plus(
 
     Returns:
         A tensor with the broadcast batch shape of the arguments: float64 inputs give float64,
-        anything else float32. The exact form returns NaN where the determinant is not positive (possible only
-        when ``a`` and ``b`` differ); the series is a polynomial and always finite.
+        anything else float32. The exact form returns NaN where the determinant is not
+        positive (possible only when ``a`` and ``b`` differ); the series is a polynomial and
+        always finite.
 
     Example:
         >>> z = torch.nn.functional.normalize(torch.randn(8, 4, dtype=torch.float64), dim=-1)

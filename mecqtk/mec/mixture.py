@@ -1,7 +1,7 @@
 """Mixture-of-experts coding length: a trainable gate splits the batch into soft components.
 
-mecqtk's own design; MEC-Quant (arXiv 2509.15514) describes a mixture-of-experts MEC objective
-for long-tailed data but publishes neither its formula nor code. Here a linear gate gives each
+mecqtk's own design: MEC-Quant (arXiv 2509.15514) names a mixture-of-experts MEC objective for
+long-tailed data, but its formulas are not available. Here a linear gate gives each
 sample a soft membership ``p_ik`` (softmax over K experts) and expert ``k`` codes the
 membership-weighted batch with its own effective size ``m_k = sum_i p_ik``::
 
@@ -24,6 +24,8 @@ The two parties pull in different directions:
   different covariances lowers it, so the gate is pushed away from both degenerate states
   towards grouping samples of similar direction, and a distinct minority gets its own expert.
   No load-balancing term is needed for that, and none is added: an unused expert is harmless.
+  (Letting the gate maximise ``L_mix``, or minimise it with an MDL membership cost, collapses it
+  onto one expert in the regime where the series converges; docs/mec.md has the measurements.)
 
 Both gradients come out of one scalar, so a training loop treats it like any other loss.
 """
