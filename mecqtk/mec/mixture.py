@@ -100,9 +100,9 @@ class MixtureCodingLength(nn.Module):
 
     def loss(self, z1: Tensor, z2: Tensor | None = None, *, lam_scale: float = 1.0) -> Tensor:
         """Return ``-L_mix / coding_length_unit(m, d, eps2 / lam_scale)``, the loss to minimise."""
+        length = self(z1, z2, lam_scale=lam_scale)
         m, d = z1.shape
-        eps2 = warmed_eps2(self.eps2, lam_scale)
-        return -self(z1, z2, lam_scale=lam_scale) / coding_length_unit(m, d, eps2)
+        return -length / coding_length_unit(m, d, warmed_eps2(self.eps2, lam_scale))
 
     def compression_rate(self, z1: Tensor, *, lam_scale: float = 1.0) -> Tensor:
         """Return the gate's objective ``R = sum_k (m_k / m) log det(I + lam_k Z1^T P_k Z1)``.
