@@ -41,7 +41,18 @@ __all__ = [
 
 @dataclass
 class DataBundle:
-    """Loaders and facts about a dataset, as ``build_data`` prepared them for one model."""
+    """Loaders and facts about a dataset, as ``build_data`` prepared them for one model.
+
+    Attributes:
+        train_loader: Shuffled, augmented training batches; call ``set_epoch`` each epoch.
+        val_loader: Validation batches in dataset order, without augmentation.
+        num_classes: Number of classes (class folders, or CIFAR-10's label names).
+        class_names: Class names in label order.
+        input_size: (C, H, W) of the batches: the images' own size when they are kept in
+            memory (a timm ImageNet model then runs at 32x32 on CIFAR), else the model's.
+        mean: Per-channel mean used for normalisation (from the model's config).
+        std: Per-channel std used for normalisation (from the model's config).
+    """
 
     train_loader: BatchLoader
     val_loader: BatchLoader

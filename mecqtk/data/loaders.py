@@ -36,6 +36,7 @@ class BatchLoader(Protocol):
     """What training and evaluation code may rely on, whichever loader it gets."""
 
     num_samples: int
+    labels: torch.Tensor
 
     def set_epoch(self, epoch: int) -> None: ...
 
@@ -93,11 +94,11 @@ class MemoryLoader:
         self.seed = seed
         self.epoch = 0
         self._sampler = _epoch_sampler(self.num_samples, seed, distributed) if train else None
-        per_pass = len(self._sampler) if self._sampler is not None else self.num_samples
-        self.drop_last = train and per_pass >= batch_size
-        self._per_pass = per_pass
+        self._per_pass = len(self._sampler) if self._sampler is not None else self.num_samples
+        self.drop_last = train and self._per_pass >= batch_size
 
     def set_epoch(self, epoch: int) -> None:
+        """Make the next pass use epoch ``epoch``'s order and augmentation."""
         self.epoch = epoch
 
     def __len__(self) -> int:
@@ -195,6 +196,7 @@ class FolderLoader:
     ) -> None:
         self.dataset = dataset
         self.num_samples = len(dataset)
+        self.labels = torch.tensor(dataset.labels, dtype=torch.int64)
         self.epoch = 0
         self._sampler = _epoch_sampler(len(dataset), seed, distributed) if train else None
         per_pass = len(self._sampler) if self._sampler is not None else len(dataset)
@@ -209,6 +211,7 @@ class FolderLoader:
         )
 
     def set_epoch(self, epoch: int) -> None:
+        """Make the next pass use epoch ``epoch``'s order and augmentation."""
         self.epoch = epoch
 
     def __len__(self) -> int:

@@ -131,7 +131,8 @@ def cifar10_store(folder: Path, train: bool) -> TensorStore:
     key = (str(folder.resolve()), "cifar10-train" if train else "cifar10-test")
     store = _CACHE.get(key)
     if not isinstance(store, TensorStore):
-        store = TensorStore(*cifar10.read_split(folder, train))
+        with torch.inference_mode(False):
+            store = TensorStore(*cifar10.read_split(folder, train))
         _CACHE[key] = store
     return store
 

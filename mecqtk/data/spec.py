@@ -24,7 +24,12 @@ CIFAR10_FILES = (CIFAR10_META, *CIFAR10_TRAIN_BATCHES, CIFAR10_TEST_BATCH)
 
 @dataclass(frozen=True)
 class DataSpec:
-    """A parsed data source: ``kind`` is ``"imagefolder"`` or ``"cifar10"``; ``path`` is absolute."""
+    """A parsed data source.
+
+    Attributes:
+        kind: ``"imagefolder"`` or ``"cifar10"``.
+        path: Absolute folder given after the prefix.
+    """
 
     kind: str
     path: Path

@@ -70,7 +70,8 @@ def test_option_a_shortcut_subsamples_and_zero_pads_both_sides():
     out = ChannelPadShortcut(16, 32, stride=2)(x)
     assert out.shape == (2, 32, 4, 4)
     assert torch.equal(out[:, 8:24], x[:, :, ::2, ::2])
-    assert not out[:, :8].any() and not out[:, 24:].any()
+    assert not out[:, :8].any()
+    assert not out[:, 24:].any()
 
 
 def test_timm_style_head_methods():
@@ -81,7 +82,8 @@ def test_timm_style_head_methods():
     assert model.forward_head(features, pre_logits=True).shape == (3, model.num_features)
     assert model.get_classifier() is model.linear
     model.reset_classifier(7)
-    assert model(x).shape == (3, 7) and model.num_classes == 7
+    assert model(x).shape == (3, 7)
+    assert model.num_classes == 7
     model.reset_classifier(0)
     assert model(x).shape == (3, 64)
 
@@ -129,9 +131,7 @@ def _saved(tmp_path: Path, obj: object, name: str = "ckpt.pth") -> Path:
 
 def test_nested_prefixed_checkpoint_without_bn_counters_loads(tmp_path):
     source = timm.create_model("cifar_resnet20", num_classes=10)
-    state = {
-        f"module.{k}": v for k, v in source.state_dict().items() if "num_batches" not in k
-    }
+    state = {f"module.{k}": v for k, v in source.state_dict().items() if "num_batches" not in k}
     path = _saved(tmp_path, {"model": state, "epoch": 3})
     model = create_model("cifar_resnet20", num_classes=10, checkpoint=path)
     for key, value in source.state_dict().items():
@@ -181,7 +181,7 @@ def test_truncated_checkpoint_is_unreadable(tmp_path):
     full = _saved(tmp_path, timm.create_model("cifar_resnet20", num_classes=10).state_dict())
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
-    with pytest.raises(ModelError, match="cannot read checkpoint .*truncated.pth") as info:
+    with pytest.raises(ModelError, match=r"cannot read checkpoint .*truncated\.pth") as info:
         create_model("cifar_resnet20", num_classes=10, checkpoint=truncated)
     assert "\n" not in str(info.value)
 
