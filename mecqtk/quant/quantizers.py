@@ -90,6 +90,10 @@ class FakeQuantizer(nn.Module):
             return x
         if self.mode is Mode.BYPASS:
             return x
+        if x.dtype != torch.float32 and x.is_floating_point():
+            # under AMP the grid is still computed exactly in float32, as ONNX does
+            with torch.autocast(x.device.type, enabled=False):
+                return self(x.float())
         zero_point = self.zero_point()
         return fake_quantize(
             x,

@@ -149,6 +149,13 @@ class TrainConfig:
     fused_quantizers: bool = constrained(
         True, doc="run fake-quant arithmetic through torch.compile (bit-identical, much faster)"
     )
+    compile_model: bool = constrained(False, doc="torch.compile the whole student model")
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    channels_last: bool = False
+    sync_bn: bool = constrained(False, doc="SyncBatchNorm across processes under torchrun")
+    checkpoint_every_steps: int | None = constrained(
+        None, ge=1, doc="also checkpoint every N optimizer steps (epoch ends always are)"
+    )
 
 
 @dataclass(frozen=True)
