@@ -46,6 +46,10 @@ def render_report(written: WrittenReport, console: Console | None = None) -> Non
         console.print(f"compared with {other.other_run} ({other.other_recipe}): top-1 "
                       f"{other.this_score.top1:.2f} % vs {other.other_score.top1:.2f} %",
                       highlight=False)
+        if other.other_reference.kind != report.reference.kind:
+            console.print(f"note: float references differ ({report.reference.kind} here, "
+                          f"{other.other_reference.kind} there): Δ out compares errors "
+                          "against different models", highlight=False)
     console.print("wrote " + ", ".join(str(path) for path in written.files), highlight=False)
 
 

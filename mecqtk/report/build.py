@@ -31,7 +31,10 @@ from mecqtk.rundir import RunInfo, load_quantized_model
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
 DEFAULT_IMAGES = 500
-BATCH_SIZE = 100
+# Every layer's float and bypassed outputs of a batch are held until the quantized pass reaches
+# that layer, so batches are sized by input values: 100 CIFAR images, 13 at 224x224.
+MAX_BATCH = 100
+INPUT_VALUES_PER_BATCH = 2_000_000
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,22 @@ class WrittenReport:
     files: list[Path] = field(default_factory=list)
 
 
-def float_reference(info: RunInfo, device: str) -> tuple[nn.Module | None, Reference]:
+def find_checkpoint(source: str, run_dir: str | Path) -> Path | None:
+    """The run's float checkpoint: as recorded, or relative to where the run was started.
+
+    A relative path was relative to the directory `mecqtk quantize` ran in, usually the parent
+    of the runs/ folder (``runs/<name>`` -> two levels up from the run folder).
+    """
+    path = Path(source)
+    candidates = [path]
+    if not path.is_absolute():
+        run_path = Path(run_dir).resolve()
+        candidates += [run_path.parent.parent / path, run_path.parent / path]
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def float_reference(info: RunInfo, run_dir: str | Path,
+                    device: str) -> tuple[nn.Module | None, Reference]:
     """The float model the run started from, or None (then the bypassed model) and why."""
     source = info.checkpoint_source
     if source is None:
@@ -77,18 +95,21 @@ def float_reference(info: RunInfo, device: str) -> tuple[nn.Module | None, Refer
             "the run started without a float checkpoint (random init or timm pretrained "
             "weights), so the float reference is the run's trained weights with every "
             "quantizer bypassed"))
-    if not Path(source).is_file():
+    path = find_checkpoint(source, run_dir)
+    if path is None:
         return None, Reference("bypass", (
             f"the run's float checkpoint {source} is not found from here, so the float "
             "reference is the run's trained weights with every quantizer bypassed"))
-    model = create_model(info.model, num_classes=info.num_classes, checkpoint=source)
+    model = create_model(info.model, num_classes=info.num_classes, checkpoint=path)
     return model.to(device).eval(), Reference(
         "float_checkpoint", f"the full-precision model the run started from ({source})")
 
 
-def load_images(spec: str, model: nn.Module, n: int) -> list[Batch]:
+def load_images(spec: str, model: nn.Module, n: int,
+                input_size: tuple[int, ...] | list[int] = (3, 32, 32)) -> list[Batch]:
     """A fixed class-balanced subset of ``n`` validation images, preprocessed for ``model``."""
-    data = build_data(spec, model=model, batch_size=BATCH_SIZE, limit_train=n, limit_val=n,
+    batch_size = max(1, min(MAX_BATCH, INPUT_VALUES_PER_BATCH // math.prod(input_size)))
+    data = build_data(spec, model=model, batch_size=batch_size, limit_train=n, limit_val=n,
                       seed=0)
     return list(data.val_loader)
 
@@ -138,9 +159,9 @@ def build_report(run_dir: str | Path, options: ReportOptions | None = None) -> R
     device = torch.device(options.device)
     qmodel, info, recipe = load_quantized_model(run_dir, device)
     spec = options.data or info.data
-    batches = load_images(spec, qmodel, options.n)
+    batches = load_images(spec, qmodel, options.n, info.input_size)
     images = sum(labels.numel() for _, labels in batches)
-    float_model, reference = float_reference(info, options.device)
+    float_model, reference = float_reference(info, run_dir, options.device)
     sites = find_sites(qmodel)
     if options.show_progress:
         say(f"report: {len(sites)} quantized layers of {run_dir} on {images} images")

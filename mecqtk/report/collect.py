@@ -56,7 +56,7 @@ class _ScoreSum:
 class _InputProbe:
     quantizer: FakeQuantizer
     error: ErrorStats = field(default_factory=ErrorStats)
-    levels: LevelStats | None = None
+    levels: LevelStats = field(init=False)
     sample: ValueSample = field(default_factory=ValueSample)
 
     def __post_init__(self) -> None:

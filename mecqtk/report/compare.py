@@ -59,6 +59,7 @@ def compare_reports(this: Report, other: Report) -> Comparison:
     return Comparison(
         other_run=other.run,
         other_recipe=other.recipe,
+        other_reference=other.reference,
         this_score=this.quantized_score,
         other_score=other.quantized_score,
         layers=layer_deltas(this.layers, other.layers),

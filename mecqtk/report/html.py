@@ -118,6 +118,10 @@ def _comparison_section(report: Report) -> str:
         f"<p class=\"note\">this run: {_score(comparison.this_score)}; "
         f"<code>{escape(comparison.other_run)}</code> ({escape(comparison.other_recipe)}): "
         f"{_score(comparison.other_score)}. Deltas are this run minus the other.</p>"
+        + (f"<p class=\"note\"><b>Note:</b> the runs' float references differ ("
+           f"{escape(report.reference.kind)} here, {escape(comparison.other_reference.kind)} "
+           "there), so the out-SQNR deltas compare errors against different models.</p>"
+           if comparison.other_reference.kind != report.reference.kind else "")
         + _image(plots.compare_chart(comparison), "Per-layer SQNR change")
         + _table(headers, body)
     )

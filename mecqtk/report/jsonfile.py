@@ -95,6 +95,8 @@ def _comparison(comparison: Comparison | None) -> dict[str, Any] | None:
     return {
         "other_run": comparison.other_run,
         "other_recipe": comparison.other_recipe,
+        "other_reference": {"kind": comparison.other_reference.kind,
+                            "detail": comparison.other_reference.detail},
         "this": _score(comparison.this_score),
         "other": _score(comparison.other_score),
         "layers": [

@@ -139,24 +139,28 @@ def entropy_bits(histogram: list[int]) -> float:
 
 @dataclass
 class ValueSample:
-    """A bounded uniform random sample of the values a tensor took (for the histograms)."""
+    """A bounded random sample of the values a tensor took, for the histograms.
+
+    Each update contributes up to ``per_update`` values drawn uniformly (with replacement)
+    until ``capacity`` values are kept, so the first batches are the ones sampled.
+    """
 
     capacity: int = 20_000
     seed: int = 0
     chunks: list[torch.Tensor] = field(default_factory=list)
     size: int = 0
-    _generator: torch.Generator | None = None
+    generator: torch.Generator | None = field(default=None, repr=False)
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, per_update: int = 4096) -> None:
-        if self.size >= self.capacity:
+        if self.size >= self.capacity or x.numel() == 0:
             return
-        if self._generator is None:
-            self._generator = torch.Generator().manual_seed(self.seed)
-        flat = x.detach().reshape(-1).float().cpu()
-        take = min(per_update, self.capacity - self.size, flat.numel())
-        index = torch.randperm(flat.numel(), generator=self._generator)[:take]
-        self.chunks.append(flat[index])
+        if self.generator is None:
+            self.generator = torch.Generator().manual_seed(self.seed)
+        flat = x.detach().reshape(-1)
+        take = min(per_update, self.capacity - self.size)
+        index = torch.randint(flat.numel(), (take,), generator=self.generator)
+        self.chunks.append(flat[index.to(flat.device)].float().cpu())
         self.size += take
 
     def values(self) -> torch.Tensor:

@@ -121,6 +121,7 @@ class LayerDelta:
 class Comparison:
     other_run: str
     other_recipe: str
+    other_reference: Reference  # the other run's float reference (its out dB are against it)
     this_score: Score
     other_score: Score
     layers: list[LayerDelta]

@@ -40,6 +40,14 @@ def _entropy(stats: TensorStats | None) -> str:
     return f"{stats.entropy_bits:.1f}"
 
 
+def _step(stats: TensorStats | None) -> str:
+    if stats is None:
+        return "–"
+    if stats.step.count == 1:
+        return f"{stats.step.mean:.3g}"
+    return f"{stats.step.mean:.3g} [{stats.step.min:.2g}, {stats.step.max:.2g}]"
+
+
 def _bits(entry: LayerStats) -> str:
     return f"W{entry.weight.bits}A{entry.input.bits if entry.input else '–'}"
 
@@ -65,6 +73,8 @@ def columns(report: Report, compact: bool = False) -> list[Column]:
         Column("W levels", "weight levels used / 2^b", compact=False),
         Column("A levels", "input levels used / 2^b", compact=False),
         Column("H W/A", "entropy of the weight / input level histograms, bits"),
+        Column("W step", "weight step size: mean [min, max] over channels", compact=False),
+        Column("A step", "input step size", compact=False),
     ]
     if report.sensitivity is not None:
         cols.append(Column("+loss alone", "loss added quantizing only this layer"))
@@ -92,6 +102,7 @@ def rows(report: Report, compact: bool = False) -> list[list[str]]:
             "out dB": db(entry.output_sqnr_db), "W levels": _levels(entry.weight),
             "A levels": _levels(entry.input),
             "H W/A": f"{_entropy(entry.weight)}/{_entropy(entry.input)}",
+            "W step": _step(entry.weight), "A step": _step(entry.input),
         }
         if sensitivity is not None:
             found = entry.name in known

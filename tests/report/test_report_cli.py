@@ -20,6 +20,7 @@ def test_report_command_writes_files_and_a_recipe_quantize_accepts(
     assert result.exit_code == 0, result.output
     assert "worst first by sensitivity" in result.output
     assert "layer1.0.conv1" in result.output and "suggested recipe raises" in result.output
+    assert "note: float references differ" in result.output
     document = read_report_json(w2a2_run / "report.json")
     assert document["run"]["images"] == 10
     assert document["comparison"]["other_run"] == str(w4a4_random_run)

@@ -5,7 +5,7 @@ import torch
 
 from mecqtk.quant import Mode
 from mecqtk.report import ReportOptions, build_report
-from mecqtk.report.build import load_images
+from mecqtk.report.build import find_checkpoint, load_images
 from mecqtk.report.collect import collect
 from mecqtk.report.metrics import sqnr_db
 from mecqtk.report.sites import find_sites, quantizer_modes
@@ -94,3 +94,14 @@ def test_run_without_float_checkpoint_uses_the_bypassed_model(w4a4_random_run, d
     ranked = [report.layer(name).local_sqnr_db for name in report.ranking]
     assert ranked == sorted(ranked, key=lambda v: (math.isnan(v), v))
     assert report.ranking_by == "local_sqnr_db"
+
+
+def test_a_relative_checkpoint_is_found_from_where_the_run_was_started(tmp_path):
+    run = tmp_path / "project" / "runs" / "r1"
+    run.mkdir(parents=True)
+    weights = tmp_path / "project" / "weights" / "fp.th"
+    weights.parent.mkdir()
+    weights.write_bytes(b"x")
+    assert find_checkpoint("weights/fp.th", run) == weights
+    assert find_checkpoint(str(weights), run) == weights
+    assert find_checkpoint("weights/missing.th", run) is None

@@ -9,6 +9,8 @@ def test_deltas_are_this_minus_other_per_layer(w2a2_report):
     comparison = w2a2_report.comparison
     assert comparison is not None and comparison.other_recipe == "w4a4_lsq_tiny"
     assert comparison.this_score == w2a2_report.quantized_score
+    # the W4A4 run started from random init: its reference is its bypassed model
+    assert comparison.other_reference.kind == "bypass"
     others = {entry.name: entry for entry in comparison.other_layers}
     assert [d.name for d in comparison.layers] == [e.name for e in w2a2_report.layers]
     for delta in comparison.layers:

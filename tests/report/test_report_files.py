@@ -50,6 +50,7 @@ def test_html_parses_and_embeds_every_figure(w2a2_report):
     assert parser.rows == (layers + 1) + (layers + 1) + (layers + 1)
     for name in w2a2_report.ranking[:WORST_LAYERS_PLOTTED]:
         assert f"{name}: histograms" in page
+    assert "float references differ (float_checkpoint here, bypass there)" in page
 
 
 def _structure(value):
