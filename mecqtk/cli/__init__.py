@@ -36,9 +36,11 @@ def main() -> None:
 def _register() -> None:
     from mecqtk.cli.quantize import quantize_command
     from mecqtk.cli.recipe import recipe_group
+    from mecqtk.cli.report import report_command
 
     main.add_command(quantize_command)
     main.add_command(recipe_group)
+    main.add_command(report_command)
 
 
 _register()
