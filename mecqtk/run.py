@@ -69,6 +69,8 @@ class QuantizeOptions:
     resume: bool = False
     workers: int = 0
     show_progress: bool = True
+    report: bool = True
+    report_images: int = 500
 
 
 @dataclass
@@ -401,4 +403,15 @@ class _Run:
         )
         if self.context.is_main:
             self.run_dir.write_summary(summary.as_json())
+            if self.options.report:
+                self.write_report()
         return summary
+
+    def write_report(self) -> None:
+        from mecqtk.report import ReportOptions, write_report
+
+        self.say("writing the per-layer report (report.html, report.json)")
+        write_report(self.run_dir.path, options=ReportOptions(
+            data=self.options.data, n=self.options.report_images, device=str(self.device),
+            show_progress=self.show,
+        ))
