@@ -12,7 +12,6 @@ from mecqtk.quant.observers import Observer
 from mecqtk.quant.registry import OBSERVERS, QUANTIZERS, register_quantizer
 from mecqtk.quant.spec import QuantSpec
 
-
 MIN_STEP = 1e-8
 
 
@@ -134,7 +133,7 @@ class FakeQuantizer(nn.Module):
 
 @register_quantizer("lsq")
 class LSQQuantizer(FakeQuantizer):
-    """Learned Step Size Quantization (Esser et al., 2020): step size learned by gradient descent."""
+    """Learned Step Size Quantization (Esser et al., 2020): the step size is trained."""
 
 
 def make_quantizer(spec: QuantSpec, channels: int = 1, axis: int = 0) -> FakeQuantizer:

@@ -108,7 +108,7 @@ class QuantConfig:
     rules: tuple[LayerRule, ...] = field(default_factory=_default_rules)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     leaf_modules: tuple[str, ...] = constrained(
-        (), doc="module class names the tracer keeps whole (their inner Conv/Linear still quantized)"
+        (), doc="class names the tracer keeps whole (their inner Conv/Linear stay quantized)"
     )
 
     def __post_init__(self) -> None:
