@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-import torch.fx as fx
-from export_nets import PlainNet, ResidualNet, quantized, randomize_batchnorms, write_run
+from export_nets import PlainNet, ResidualNet, randomize_batchnorms, write_run
 from torch import nn
-
-
-@pytest.fixture
-def make_quantized() -> Callable[..., fx.GraphModule]:
-    return quantized
 
 
 @pytest.fixture
