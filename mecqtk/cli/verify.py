@@ -72,7 +72,7 @@ def verify_command(target: Path, data: str, n: int | None, threshold: float, run
 
     report = verify_run(target, data, n, threshold_pct=threshold, run_dir=run_dir,
                         export_format=export_format, batch_size=batch_size,  # type: ignore[arg-type]
-                        threads=threads)
+                        threads=threads, show_progress=not as_json)
     if as_json:
         click.echo(json.dumps(report.as_json()))
     else:

@@ -6,7 +6,6 @@ beside it; ``-o FILE`` puts the model (and its manifest and verify.json) in FILE
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import onnx
@@ -18,6 +17,7 @@ from mecqtk.export.manifest import Manifest, manifest_path_for, read_manifest, s
 from mecqtk.export.session import load_onnx
 from mecqtk.export.verify import DEFAULT_THRESHOLD_PCT, VerifyReport, compare
 from mecqtk.io import atomic_write_json
+from mecqtk.progress import progress_bar
 from mecqtk.rundir import RunDir, load_quantized_model
 
 MODEL_FILE = "model.onnx"
@@ -104,7 +104,7 @@ def verify_run(
     export_format: ExportFormat = "qcdq",
     batch_size: int = 100,
     threads: int = 2,
-    progress: Callable[[int], None] | None = None,
+    show_progress: bool = False,
 ) -> VerifyReport:
     """Verify an export against its run's PyTorch model on ``n`` real images of ``data``;
     writes ``verify.json`` beside the ONNX file.
@@ -131,8 +131,9 @@ def verify_run(
             f"--data yields {tuple(bundle.input_size)} images but the model was exported for "
             f"{tuple(info.input_size)}"
         )
-    report = compare(gm, model, manifest, bundle.val_loader, threshold_pct=threshold_pct,
-                     threads=threads, limit=n, progress=progress)
+    with progress_bar("verify", len(bundle.val_loader), show_progress) as advance:
+        report = compare(gm, model, manifest, bundle.val_loader, threshold_pct=threshold_pct,
+                         threads=threads, limit=n, progress=advance)
     report.model_path = str(model_path)
     report.data = data
     atomic_write_json(model_path.parent / VERIFY_FILE, report.as_json())
@@ -147,7 +148,7 @@ def export_and_verify(
     n: int | None = None,
     threshold_pct: float = DEFAULT_THRESHOLD_PCT,
     threads: int = 2,
-    progress: Callable[[int], None] | None = None,
+    show_progress: bool = False,
 ) -> tuple[ExportResult, VerifyReport]:
     """Export a finished run and verify the file on ``data`` (the end of `mecqtk quantize`).
 
@@ -158,5 +159,5 @@ def export_and_verify(
     """
     exported = export_run(run_dir, export_format)
     report = verify_run(exported.model_path, data, n, threshold_pct=threshold_pct,
-                        run_dir=run_dir, threads=threads, progress=progress)
+                        run_dir=run_dir, threads=threads, show_progress=show_progress)
     return exported, report

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import torch
 import torch.fx as fx
 
@@ -72,7 +73,7 @@ class VerifyReport:
     seconds: float
     model_path: str = ""
     data: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
+    environment: dict[str, Any] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -143,13 +144,13 @@ def compare(
     threshold_pct: float = DEFAULT_THRESHOLD_PCT,
     threads: int = 2,
     limit: int | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[], None] | None = None,
 ) -> VerifyReport:
     """Compare ``model`` in onnxruntime with ``gm`` on ``batches`` of (images, labels).
 
     Logits and top-1 come from the model as deployed; the integer codes come from a copy that
     also outputs them (``diagnostic_matches_deployed`` says whether their logits were identical
-    on the first batch).
+    on the first batch). ``progress`` is called once per batch.
 
     Example:
         >>> report = compare(qmodel, onnx.load("model.onnx"), manifest, loader, limit=1000)
@@ -188,7 +189,7 @@ def compare(
         for entry, onnx_codes in zip(entries, results[1:], strict=True):
             _add_layer(layers[entry.layer], entry, onnx_codes, recorder.codes[entry.layer])
         if progress is not None:
-            progress(len(labels))
+            progress()
     if totals.n == 0:
         raise ExportError("verification saw no images; check --data and --n")
     ordered = [layers[e.layer] for e in entries]
@@ -207,6 +208,8 @@ def compare(
         layers=ordered,
         diagnostic_matches_deployed=matches,
         seconds=time.perf_counter() - started,
+        environment={"onnxruntime": ort.__version__, "torch": torch.__version__,
+                     "threads": threads},
     )
 
 
