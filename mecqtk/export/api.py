@@ -92,10 +92,14 @@ def export_model(
         raise ExportError(
             f"opset {chosen} is outside {MIN_OPSET}..{onnx.defs.onnx_opset_version()}"
         )
-    gm = gm.cpu()
-    values = record_values(gm, tuple(input_shape))
-    lowering = Lowering(gm, values, GraphBuilder(type(gm).__name__), export_format, chosen)
-    outputs = lowering.run(tuple(input_shape))
+    device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+    try:
+        gm.cpu()
+        values = record_values(gm, tuple(input_shape))
+        lowering = Lowering(gm, values, GraphBuilder(type(gm).__name__), export_format, chosen)
+        outputs = lowering.run(tuple(input_shape))
+    finally:
+        gm.to(device)
     props = {METADATA_FORMAT: export_format, **(metadata or {})}
     model = lowering.builder.model(chosen, props, doc="exported by mecqtk")
     check_model(model)

@@ -83,7 +83,6 @@ class Lowering:
     quantized: dict[str, QuantParams] = field(default_factory=dict)  # ONNX name -> grid
     folded_into: dict[str, str] = field(default_factory=dict)  # BN node -> layer output
     entries: list[TensorEntry] = field(default_factory=list)
-    required_opset: int = 13
 
     def __post_init__(self) -> None:
         self.modules = dict(self.gm.named_modules())
@@ -123,7 +122,6 @@ class Lowering:
     def need_opset(self, version: int, why: str) -> None:
         if self.opset < version:
             raise ExportError(f"{why} needs ONNX opset {version} or later; pass --opset {version}")
-        self.required_opset = max(self.required_opset, version)
 
     # ---- the walk ----------------------------------------------------------------------
     def run(self, input_shape: tuple[int, ...]) -> list[str]:

@@ -157,7 +157,8 @@ def compare(
         >>> report.top1_agreement_pct, report.first_diverging_layer
     """
     started = time.perf_counter()
-    gm = gm.cpu().eval()
+    if gm.training or any(p.device.type != "cpu" for p in gm.parameters()):
+        raise ExportError("compare() needs the PyTorch model on the CPU in eval mode")
     entries = manifest.activations()
     watched = {e.layer for e in entries}
     missing = watched - {n.name for n in gm.graph.nodes}
