@@ -53,6 +53,7 @@ def _spec(config: QuantizerConfig, signed: bool) -> QuantSpec:
         quantizer=config.quantizer,
         granularity=config.granularity,
         observer=config.observer,
+        learn_step=config.learn_step,
     )
 
 
