@@ -11,10 +11,19 @@ from click.testing import CliRunner
 
 from mecqtk.cli import main
 from mecqtk.export.manifest import MANIFEST_NAME, read_manifest, sha256_of
+from mecqtk.quant.quantizers import FakeQuantizer
+from mecqtk.rundir import load_quantized_model
 
 
 def _invoke(*args: str):
     return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _activation_quantizers(run) -> int:
+    gm, _, _ = load_quantized_model(run)
+    modules = dict(gm.named_modules())
+    return sum(1 for n in gm.graph.nodes
+               if n.op == "call_module" and isinstance(modules[n.target], FakeQuantizer))
 
 
 def test_export_writes_model_and_manifest(w2a2_run):
@@ -26,9 +35,9 @@ def test_export_writes_model_and_manifest(w2a2_run):
     assert manifest.source["model"] == "cifar_resnet20" and manifest.export_format == "qcdq"
     assert manifest.input["shape"] == ["N", 3, 32, 32]
     onnx.checker.check_model(onnx.load(str(model_path)), full_check=True)
-    # 19 convs + 1 linear, each with its quantized input
+    # 19 convs + 1 linear, and one activation entry per activation quantizer of the model
     assert sum(e.role == "weight" for e in manifest.tensors) == 20
-    assert sum(e.role == "activation" for e in manifest.tensors) == 20
+    assert sum(e.role == "activation" for e in manifest.tensors) == _activation_quantizers(w2a2_run)
 
 
 def test_packed_two_bit_file_is_much_smaller(w2a2_run, tmp_path):
@@ -87,7 +96,7 @@ def test_verify_run_folder_on_real_images(w8a8_run, cifar_data):
     assert report["onnx_top1_pct"] == report["torch_top1_pct"]
     assert 0 <= report["max_rel_logit_diff"] < 0.05
     assert report["diagnostic_matches_deployed"] is True
-    assert len(report["layers"]) == 20
+    assert len(report["layers"]) == _activation_quantizers(w8a8_run)
     assert "top-1 agreement 100.00 %" in result.output
 
 
