@@ -37,6 +37,12 @@ def render_verify(report: VerifyReport, all_layers: bool = False,
         f"{'PASS' if report.passed else 'FAIL'} (threshold {report.threshold_pct:g} %)  "
         f"{report.seconds:.0f} s"
     )
+    if report.off_grid_bias_layers:
+        console.print(
+            f"note: {report.off_grid_bias_layers} layers of the PyTorch model have biases off "
+            "the int32 grid the export rounds them to; mecqtk.export.snap_biases(model) before "
+            "the final evaluation makes both compute the same thing"
+        )
 
 
 @click.command("verify")

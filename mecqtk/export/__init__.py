@@ -4,6 +4,7 @@ from mecqtk.export.api import ExportResult, check_model, default_opset, export_m
 from mecqtk.export.lower import EXPORT_FORMATS, ExportFormat
 from mecqtk.export.manifest import Manifest, TensorEntry, read_manifest
 from mecqtk.export.runfolder import export_and_verify, export_run, verify_run
+from mecqtk.export.snap import bias_grids, snap_biases
 from mecqtk.export.verify import LayerAgreement, VerifyReport, compare
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "Manifest",
     "TensorEntry",
     "VerifyReport",
+    "bias_grids",
     "check_model",
     "compare",
     "default_opset",
@@ -22,5 +24,6 @@ __all__ = [
     "export_run",
     "read_manifest",
     "save_export",
+    "snap_biases",
     "verify_run",
 ]

@@ -19,17 +19,18 @@ from mecqtk.export.lower import Lowering, module_handler
 from mecqtk.export.manifest import TensorEntry
 from mecqtk.export.qparams import QuantParams, activation_params, weight_codes, weight_params
 from mecqtk.export.weights import (
+    BATCHNORMS,
     BatchNormFold,
     FoldedLayer,
     code_shift,
     fold_layer,
+    foldable_batchnorm,
     storage_dtype,
     to_storage,
 )
 from mecqtk.quant.modules import QuantizedLayer
 from mecqtk.quant.quantizers import FakeQuantizer
 
-_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _STORAGE_OPSET = {"int4": 21, "uint4": 21, "int2": 25, "uint2": 25}
 _ONNX_INT = {"int8": TensorProto.INT8, "uint8": TensorProto.UINT8}
@@ -65,22 +66,6 @@ def lower_activation_quantizer(ctx: Lowering, node: fx.Node, quantizer: nn.Modul
         onnx={"codes": codes, "scale": scale, "zero_point": zero_point},
     ))
     return output
-
-
-def _foldable_batchnorm(ctx: Lowering, node: fx.Node, channels: int) -> fx.Node | None:
-    """The BatchNorm node that is the only user of ``node``, if it can be folded into it."""
-    if len(node.users) != 1:
-        return None
-    user = next(iter(node.users))
-    if user.op != "call_module":
-        return None
-    bn = ctx.modules[str(user.target)]
-    if (
-        not isinstance(bn, _BATCHNORMS) or bn.training or bn.running_mean is None
-        or bn.num_features != channels
-    ):
-        return None
-    return user
 
 
 def _input_scale(ctx: Lowering, source: str) -> float | None:
@@ -162,7 +147,7 @@ def lower_quantized_layer(ctx: Lowering, node: fx.Node, module: nn.Module) -> st
     if params.axis not in (None, 0):
         raise ExportError(f"{node.name}: weights quantized along axis {params.axis}; need 0")
     codes = weight_codes(module.weight_quantizer, layer.weight)
-    bn_node = _foldable_batchnorm(ctx, node, codes.shape[0])
+    bn_node = foldable_batchnorm(node, ctx.modules, codes.shape[0])
     bn = None
     if bn_node is not None:
         bn = BatchNormFold.from_module(bn_node.name, ctx.modules[str(bn_node.target)])
@@ -218,10 +203,10 @@ def lower_float_layer(ctx: Lowering, node: fx.Node, layer: nn.Module) -> str:
     return _emit_layer(ctx, node, layer, source, weight, bias)
 
 
-@module_handler(*_BATCHNORMS)
+@module_handler(*BATCHNORMS)
 def lower_batchnorm(ctx: Lowering, node: fx.Node, bn: nn.Module) -> str:
     """A BatchNorm that could not be folded: eval-mode BatchNormalization."""
-    assert isinstance(bn, _BATCHNORMS)
+    assert isinstance(bn, BATCHNORMS)
     if bn.training or bn.running_mean is None or bn.running_var is None:
         raise ExportError(f"{node.name}: BatchNorm without running statistics cannot be exported")
     b = ctx.builder

@@ -21,9 +21,12 @@ import torch.fx as fx
 from mecqtk.errors import ExportError
 from mecqtk.export.manifest import Manifest, TensorEntry
 from mecqtk.export.session import make_session, with_code_outputs
+from mecqtk.export.snap import bias_grids
 from mecqtk.quant.quantizers import FakeQuantizer
 
 DEFAULT_THRESHOLD_PCT = 99.0
+# A bias further than this (in accumulator units) from its int32 grid was not snapped.
+OFF_GRID_UNITS = 0.05
 
 
 @dataclass
@@ -71,6 +74,7 @@ class VerifyReport:
     layers: list[LayerAgreement]
     diagnostic_matches_deployed: bool
     seconds: float
+    off_grid_bias_layers: int = 0
     model_path: str = ""
     data: str = ""
     environment: dict[str, Any] = field(default_factory=dict)
@@ -209,6 +213,7 @@ def compare(
         layers=ordered,
         diagnostic_matches_deployed=matches,
         seconds=time.perf_counter() - started,
+        off_grid_bias_layers=sum(g.off_grid_units > OFF_GRID_UNITS for g in bias_grids(gm)),
         environment={"onnxruntime": ort.__version__, "torch": torch.__version__,
                      "threads": threads},
     )

@@ -20,11 +20,30 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 import torch
+import torch.fx as fx
 from torch import nn
 
 from mecqtk.errors import ExportError
 
 INT32_LIMIT = 2**31 - 1
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def foldable_batchnorm(node: fx.Node, modules: dict[str, nn.Module],
+                       channels: int) -> fx.Node | None:
+    """The eval-mode BatchNorm node that is the only user of ``node``, if it can be folded."""
+    if len(node.users) != 1:
+        return None
+    user = next(iter(node.users))
+    if user.op != "call_module":
+        return None
+    bn = modules[str(user.target)]
+    if (
+        not isinstance(bn, BATCHNORMS) or bn.training or bn.running_mean is None
+        or bn.num_features != channels
+    ):
+        return None
+    return user
 
 
 @dataclass(frozen=True)
