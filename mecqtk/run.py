@@ -41,6 +41,7 @@ from mecqtk.train.distributed import (
     device_for,
     init_distributed,
     shutdown,
+    sum_over_ranks,
 )
 from mecqtk.train.loop import EpochStats, TrainStep
 from mecqtk.train.teacher import Teacher
@@ -216,6 +217,9 @@ class _Run:
             ))
         self.float_model.to(self.device)
         self.qmodel = prepare(self.float_model, recipe).to(self.device)
+        if recipe.train.sync_bn and self.device.type != "cuda":
+            raise MecqtkError("train.sync_bn: SyncBatchNorm needs CUDA devices; set it to false "
+                              "for CPU runs")
         if recipe.train.sync_bn and context.enabled:
             self.qmodel = nn.SyncBatchNorm.convert_sync_batchnorm(self.qmodel)
         if recipe.train.channels_last:
@@ -358,6 +362,7 @@ class _Run:
                     after_step=after_step, progress=advance,
                 )
             self.epoch_stats = None
+            stats = self.global_stats(stats)
             self.quant_top1 = self.evaluate_main(self.qmodel, "eval quantized")
             record = {
                 "epoch": epoch + 1, "step": self.global_step, "train_loss": stats.loss,
@@ -373,6 +378,17 @@ class _Run:
                      f"quantized top-1 {self.quant_top1:.2f} %")
         if epochs == 0 and not self.run_dir.checkpoint.exists():
             self.save(0, 0, None)
+
+    def global_stats(self, stats: EpochStats) -> EpochStats:
+        """The epoch's sums over every rank's shard (the same numbers one process would log)."""
+        keys = sorted(stats.term_sums)
+        totals = sum_over_ranks(
+            [stats.loss_sum, stats.correct, stats.seen, stats.steps]
+            + [stats.term_sums[k] for k in keys], self.context)
+        loss_sum, correct, seen, _ = totals[:4]
+        # every rank weighted its terms by its own batch: sums add up; steps are per rank
+        return EpochStats(loss_sum=loss_sum, correct=int(correct), seen=int(seen),
+                          steps=stats.steps, term_sums=dict(zip(keys, totals[4:], strict=True)))
 
     def finish(self) -> RunSummary:
         summary = RunSummary(

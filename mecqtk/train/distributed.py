@@ -88,3 +88,12 @@ def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
     """The torchrun command line that runs ``mecqtk <argv>`` in ``nproc`` processes."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",
             f"--nproc_per_node={nproc}", "-m", "mecqtk", *argv]
+
+
+def sum_over_ranks(values: list[float], context: DistContext) -> list[float]:
+    """Element-wise sum of a list of numbers over ranks (float64, so counts stay exact)."""
+    if not context.enabled:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.tolist()
