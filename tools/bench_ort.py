@@ -84,7 +84,9 @@ def trained_looking(model: nn.Module, seed: int = 0) -> nn.Module:
 
 def calibration_images(model: nn.Module, count: int, size: tuple[int, int]) -> torch.Tensor:
     """Real CIFAR-10 test images, normalised for ``model`` and resized to its input size."""
-    data = build_data(f"imagefolder:{shared_dir() / 'data' / 'cifar10-jpeg'}", model=model,
+    proxy = nn.Module()  # the model's normalisation, CIFAR-10's ten classes
+    proxy.pretrained_cfg = model.pretrained_cfg
+    data = build_data(f"imagefolder:{shared_dir() / 'data' / 'cifar10-jpeg'}", model=proxy,
                       batch_size=count, limit_train=1, limit_val=count, seed=0)
     images = next(iter(data.val_loader))[0]
     if tuple(images.shape[2:]) != size:

@@ -25,6 +25,7 @@ from mecqtk.export.weights import (
     code_shift,
     fold_layer,
     foldable_batchnorm,
+    layer_terms,
     storage_dtype,
     to_storage,
 )
@@ -146,12 +147,16 @@ def lower_quantized_layer(ctx: Lowering, node: fx.Node, module: nn.Module) -> st
     params = weight_params(module.weight_quantizer, f"{node.name}.weight")
     if params.axis not in (None, 0):
         raise ExportError(f"{node.name}: weights quantized along axis {params.axis}; need 0")
-    codes = weight_codes(module.weight_quantizer, layer.weight)
-    bn_node = foldable_batchnorm(node, ctx.modules, codes.shape[0])
+    if getattr(module, "input_quantizer", None) is not None:
+        raise ExportError(f"{node.name}: a layer with its own input quantizer is not exported")
+    terms = layer_terms(module, node.name)
+    codes = weight_codes(module.weight_quantizer, terms.weight)
+    bn_node = None if terms.folded_in_training else foldable_batchnorm(
+        node, ctx.modules, codes.shape[0])
     bn = None
     if bn_node is not None:
         bn = BatchNormFold.from_module(bn_node.name, ctx.modules[str(bn_node.target)])
-    folded = fold_layer(codes, params.scale, params.zero_point, layer.bias, bn,
+    folded = fold_layer(codes, params.scale, params.zero_point, terms.bias, bn,
                         _input_scale(ctx, source), node.name, shift=code_shift(params.grid.bits))
     weight = _emit_weight(ctx, node.name, folded, params, bn.name if bn else None)
     bias = _emit_bias(ctx, node.name, folded)

@@ -22,7 +22,13 @@ import torch.fx as fx
 from torch import nn
 
 from mecqtk.export.qparams import weight_codes, weight_params
-from mecqtk.export.weights import BatchNormFold, code_shift, fold_layer, foldable_batchnorm
+from mecqtk.export.weights import (
+    BatchNormFold,
+    code_shift,
+    fold_layer,
+    foldable_batchnorm,
+    layer_terms,
+)
 from mecqtk.quant.modules import QuantizedLayer
 from mecqtk.quant.quantizers import FakeQuantizer, Mode
 
@@ -74,24 +80,24 @@ def bias_grids(gm: fx.GraphModule) -> list[BiasGrid]:
         if quantizer is None:
             continue
         params = weight_params(layer.weight_quantizer, node.name)
-        codes = weight_codes(layer.weight_quantizer, layer.layer.weight)
-        bn_node = foldable_batchnorm(node, modules, codes.shape[0])
-        bn_module = modules[str(bn_node.target)] if bn_node is not None else None
-        bn = BatchNormFold.from_module(bn_node.name, bn_module) if bn_module is not None else None
-        folded = fold_layer(codes, params.scale, params.zero_point, layer.layer.bias, bn,
+        terms = layer_terms(layer, node.name)
+        codes = weight_codes(layer.weight_quantizer, terms.weight)
+        owner = terms.bias_owner
+        bn = None
+        if not terms.folded_in_training:
+            bn_node = foldable_batchnorm(node, modules, codes.shape[0])
+            if bn_node is not None:
+                owner = modules[str(bn_node.target)]
+                bn = BatchNormFold.from_module(bn_node.name, owner)
+        folded = fold_layer(codes, params.scale, params.zero_point, terms.bias, bn,
                             float(quantizer.scale.item()), node.name,
                             shift=code_shift(params.grid.bits))
-        if folded.bias_codes is None or folded.bias_scale is None or folded.bias is None:
+        if (folded.bias_codes is None or folded.bias_scale is None or folded.bias is None
+                or owner is None or getattr(owner, "bias", None) is None):
             continue
         target = folded.bias_codes.astype(np.float64) * folded.bias_scale.astype(np.float64)
-        if bn_module is not None:
-            if bn_module.bias is None:
-                continue
-            owner, kind = bn_module, "batchnorm"
-            own = bn_module.bias.detach().double().cpu().numpy()
-        else:
-            owner, kind = layer.layer, "layer"
-            own = layer.layer.bias.detach().double().cpu().numpy()
+        own = owner.bias.detach().double().cpu().numpy()
+        kind = "layer" if owner is layer.layer else "batchnorm"
         grids.append(BiasGrid(node.name, owner, kind, target, folded.bias,
                               folded.bias_scale.astype(np.float64), folded.bias - own))
     return grids

@@ -69,6 +69,37 @@ class BatchNormFold:
 
 
 @dataclass(frozen=True)
+class LayerTerms:
+    """The float weight a quantized layer multiplies with, and the bias added after it.
+
+    With BatchNorm folded during training (a layer that has ``folded_bias()``, see
+    ``quant.batchnorm.fold``) the weight already includes ``gamma / sigma`` and the bias is the
+    folded one; ``bias_owner`` is then the BatchNorm, whose ``bias`` (beta) moves that bias.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    bias_owner: nn.Module | None
+    folded_in_training: bool
+
+
+def layer_terms(module: nn.Module, where: str) -> LayerTerms:
+    """Weight and bias of a :class:`~mecqtk.quant.modules.QuantizedLayer` (or a subclass)."""
+    layer = module.layer
+    effective = getattr(module, "effective_weight", None)
+    weight = effective() if callable(effective) else layer.weight
+    folded_bias = getattr(module, "folded_bias", None)
+    if not callable(folded_bias):
+        return LayerTerms(weight, layer.bias, layer, False)
+    bn = module.bn
+    for name in ("drop", "act"):
+        tail = getattr(bn, name, None)
+        if isinstance(tail, nn.Module) and not isinstance(tail, nn.Identity):
+            raise ExportError(f"{where}: a folded BatchNorm with its own {name} is not exported")
+    return LayerTerms(weight, folded_bias(), bn if bn.bias is not None else None, True)
+
+
+@dataclass(frozen=True)
 class FoldedLayer:
     """What goes into the ONNX graph for one layer's weight and bias."""
 

@@ -54,3 +54,31 @@ def test_unsnapped_model_is_reported(residual_net):
     report = compare(gm, model, manifest, [(images(8), torch.zeros(8, dtype=torch.long))],
                      threads=1)
     assert report.off_grid_bias_layers == 5
+
+
+def test_batchnorm_folded_during_training_exports_and_snaps(residual_net):
+    pytest.importorskip("mecqtk.quant.bn_fold",
+                        reason="this tree has no simulated conv-BN folding (quant.batchnorm.fold)")
+    from mecqtk.graph import prepare
+    from mecqtk.quant.calibrate import calibrate
+    from mecqtk.recipe import recipe_from_dict
+
+    torch.manual_seed(0)
+    gm = prepare(residual_net, recipe_from_dict({
+        "name": "w4a4_fold",
+        "quant": {"weight": {"bits": 4, "granularity": "per_channel"},
+                  "activation": {"bits": 4}, "batchnorm": {"fold": True}},
+    }))
+    calibrate(gm, [images(16, seed=5)])
+    gm.eval()
+    folded = pytest.importorskip("mecqtk.quant.bn_fold").FoldedBNLayer
+    assert sum(isinstance(m, folded) for m in gm.modules()) == 3  # conv1, conv2, conv3
+    assert snap_biases(gm) == 5
+    model, manifest = export_model(gm, INPUT_SHAPE, "qcdq")
+    assert not any(n.op_type == "BatchNormalization" for n in model.graph.node)
+    batches = [(images(64, seed), torch.arange(64) % 10) for seed in range(2)]
+    report = compare(gm, model, manifest, batches, threads=1)
+    assert report.top1_agreement_pct == 100.0
+    assert report.off_grid_bias_layers == 0
+    for layer in report.layers:
+        assert layer.differing_pct < 0.01, layer
