@@ -81,7 +81,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=7, help="timed steps (median reported)")
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=15,
+                        help="untimed steps first (fake-quant kernels compile on first use)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--eager", action="store_true", help="eager fake-quant kernels")
     parser.add_argument("--json", action="store_true", help="last line: one JSON object")
