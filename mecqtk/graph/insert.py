@@ -9,6 +9,7 @@ import torch.fx as fx
 from torch import nn
 
 from mecqtk.graph.meta import annotated_nodes
+from mecqtk.graph.ops import node_arguments, replace_node_argument
 from mecqtk.quant.modules import QuantizedLayer
 from mecqtk.quant.quantizers import make_quantizer
 from mecqtk.quant.spec import QuantSpec
@@ -52,11 +53,12 @@ def insert_quantizers(gm: fx.GraphModule) -> fx.GraphModule:
             continue
         if quant.weight is not None:
             _swap_weight_quantized(gm, quant.module_name, quant.weight)
+        arguments = node_arguments(node)
         for index, spec in enumerate(quant.inputs):
-            source = node.args[index]
-            if spec is None or not isinstance(source, fx.Node):
+            if spec is None:
                 continue
-            node.update_arg(index, _activation_quantizer(gm, source, spec, made))
+            quantized = _activation_quantizer(gm, arguments[index], spec, made)
+            replace_node_argument(node, index, quantized)
         if quant.output is not None:
             users = list(node.users)
             quantized = _activation_quantizer(gm, node, quant.output, made)

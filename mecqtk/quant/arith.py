@@ -99,7 +99,11 @@ def fake_quantize(
 
 
 def quantize_to_codes(
-    x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, zero_point: torch.Tensor | None = None
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    zero_point: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The integer codes (as float) that ONNX QuantizeLinear would produce for ``x``."""
     codes = torch.round(x / scale)

@@ -102,7 +102,8 @@ class FakeQuantizer(nn.Module):
 
 @register_quantizer("lsq")
 class LSQQuantizer(FakeQuantizer):
-    """Learned Step Size Quantization (Esser et al., 2020): step size learned by gradient descent."""
+    """Learned Step Size Quantization (Esser et al., 2020): the step is learned by gradient
+    descent."""
 
 
 def make_quantizer(spec: QuantSpec, channels: int = 1, axis: int = 0) -> FakeQuantizer:

@@ -17,6 +17,7 @@ from mecqtk.recipe.schema import (
     QuantizerConfig,
     QuantizerOverride,
     Recipe,
+    ResidualConfig,
     ScheduleConfig,
     TrainConfig,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "QuantizerConfig",
     "QuantizerOverride",
     "Recipe",
+    "ResidualConfig",
     "ScheduleConfig",
     "TrainConfig",
     "bundled_recipe_dir",

@@ -88,6 +88,34 @@ def _default_rules() -> tuple[LayerRule, ...]:
     )
 
 
+JunctionOp = Literal["add", "cat", "pool"]
+
+
+@dataclass(frozen=True)
+class ResidualConfig:
+    """Quantization of the junctions between layers: residual Add and Concat (each operand that is
+    not already quantized, and the result) and pooling inputs.
+
+    With these quantized, an exported graph can run every conv on integer kernels (a conv's output
+    reaches a QuantizeLinear through at most BN and an activation). Per-tensor, signed unless the
+    value is provably non-negative; ``quant.rules`` with ``op: [add]`` (etc.) override or skip.
+    """
+
+    enabled: bool = constrained(True, doc="quantize residual add/cat outputs and pool inputs")
+    ops: tuple[JunctionOp, ...] = constrained(
+        ("add", "cat", "pool"), doc="which junctions: add (tensor + tensor), cat, pool"
+    )
+    bits: int = constrained(8, ge=2, le=8, doc="bit width of junction quantizers")
+    quantizer: str = constrained("lsq", choices=_quantizer_names, doc="quantizer by registry name")
+    observer: str = constrained(
+        "mse", choices=_observer_names, doc="how the step size is initialised by calibration"
+    )
+
+    def as_quantizer(self) -> QuantizerConfig:
+        return QuantizerConfig(bits=self.bits, quantizer=self.quantizer,
+                               granularity="per_tensor", observer=self.observer, signed="auto")
+
+
 @dataclass(frozen=True)
 class CalibrationConfig:
     batches: int = constrained(4, ge=1, doc="batches of training data seen before training")
@@ -100,9 +128,11 @@ class QuantConfig:
     )
     activation: QuantizerConfig = field(default_factory=QuantizerConfig)
     rules: tuple[LayerRule, ...] = field(default_factory=_default_rules)
+    residual: ResidualConfig = field(default_factory=ResidualConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     leaf_modules: tuple[str, ...] = constrained(
-        (), doc="module class names the tracer keeps whole (their inner Conv/Linear still quantized)"
+        (),
+        doc="module class names the tracer keeps whole (their inner Conv/Linear still quantized)",
     )
 
     def __post_init__(self) -> None:
