@@ -9,6 +9,7 @@ import torch.fx as fx
 from torch import nn
 
 from mecqtk.graph.annotate import annotate
+from mecqtk.graph.attention import decompose_sdpa, unfuse_timm_attention
 from mecqtk.graph.insert import insert_quantizers
 from mecqtk.graph.tracer import trace
 from mecqtk.recipe.schema import QuantConfig, Recipe
@@ -39,8 +40,9 @@ def prepare(model: nn.Module, recipe: Recipe | QuantConfig) -> fx.GraphModule:
     """
     config = recipe.quant if isinstance(recipe, Recipe) else recipe
     model = copy.deepcopy(model)
+    unfuse_timm_attention(model)
     gm = trace(model, extra_leaf_classes=config.leaf_modules)
     for attr in ("pretrained_cfg", "default_cfg", "num_classes", "num_features"):
         if hasattr(model, attr):
             setattr(gm, attr, getattr(model, attr))
-    return run_passes(gm, [lambda g: annotate(g, config), insert_quantizers])
+    return run_passes(gm, [decompose_sdpa, lambda g: annotate(g, config), insert_quantizers])
