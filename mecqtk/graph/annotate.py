@@ -11,7 +11,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from mecqtk.graph.meta import NodeQuant, OpKind, set_quant
+from mecqtk.graph.leaves import eager_layers, graph_modules, is_layer
+from mecqtk.graph.meta import NodeQuant, OpKind, graph_info, set_quant
 from mecqtk.graph.ops import node_arguments, node_kind, operand_nodes
 from mecqtk.graph.rules import resolve
 from mecqtk.graph.signedness import nonnegative_values
@@ -38,14 +39,14 @@ def spec_from(config: QuantizerConfig, nonnegative: bool, *, weight: bool = Fals
                      observer=config.observer)
 
 
-def op_name(node: fx.Node, prefix: str = "") -> str:
+def op_name(node: fx.Node) -> str:
     """``<scope>.<node name>``: the module whose forward runs the op, then the node's name; a
     module call is named by its module."""
     if node.op == "call_module":
-        return ".".join(p for p in (prefix.rstrip("."), str(node.target)) if p)
+        return str(node.target)
     stack = node.meta.get("nn_module_stack") or {}
     scope = next(reversed(stack.values()))[0] if stack else ""
-    return ".".join(p for p in (prefix.rstrip("."), scope, node.name) if p)
+    return ".".join(p for p in (scope, node.name) if p)
 
 
 def layer_positions(names: list[str]) -> dict[str, set[str]]:
@@ -123,8 +124,9 @@ class _Annotator:
         residual = self.config.residual
         if kind != "matmul" and not (residual.enabled and kind in residual.ops):
             return None
-        name = op_name(node, self.prefix)
-        resolution = resolve(self.config, name, kind, set())
+        name = op_name(node)
+        full_name = ".".join(p for p in (self.prefix, name) if p)
+        resolution = resolve(self.config, full_name, kind, set())
         if resolution.skipped is not None:
             return NodeQuant(kind=kind, module_name=name, skipped=resolution.skipped)
         if kind == "add" and _feeds_softmax(node, self.modules):
@@ -183,4 +185,58 @@ def annotate(
                  for n in layer_nodes(gm)]
         positions = layer_positions(names)
     _Annotator(gm, config, prefix, positions).run()
+    return gm
+
+
+def _eager_decision(config: QuantConfig, gm: fx.GraphModule, name: str, full_name: str,
+                    positions: dict[str, set[str]]) -> NodeQuant:
+    """A layer run by leaf code: no graph around it, so its input's sign is unknown (signed)."""
+    layer = gm.get_submodule(name)
+    kind: OpKind = "linear" if isinstance(layer, nn.Linear) else "conv"
+    resolution = resolve(config, full_name, kind, positions.get(full_name, set()))
+    if resolution.skipped is not None:
+        return NodeQuant(kind=kind, module_name=name, skipped=resolution.skipped)
+    assert resolution.weight is not None and resolution.activation is not None
+    return NodeQuant(kind=kind, module_name=name,
+                     weight=spec_from(resolution.weight, False, weight=True),
+                     inputs=(spec_from(resolution.activation, False),))
+
+
+def layer_order(gm: fx.GraphModule, prefix: str = "") -> list[str]:
+    """Qualified names of all layers in (approximate) execution order: graph order, and inside a
+    leaf module the order its submodules were registered in."""
+    order: list[str] = []
+
+    def walk_leaf(module: nn.Module, path: str) -> None:
+        for name, child in module.named_children():
+            if isinstance(child, fx.GraphModule):
+                order.extend(layer_order(child, f"{path}.{name}"))
+            elif is_layer(child):
+                order.append(f"{path}.{name}")
+            else:
+                walk_leaf(child, f"{path}.{name}")
+
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = gm.get_submodule(node.target)
+        path = ".".join(p for p in (prefix, str(node.target)) if p)
+        if is_layer(module):
+            order.append(path)
+        else:
+            walk_leaf(module, path)
+    return list(dict.fromkeys(order))
+
+
+def annotate_model(gm: fx.GraphModule, config: QuantConfig) -> fx.GraphModule:
+    """:func:`annotate` every graph of the model (the top one and those traced inside leaves),
+    and decide for the eager layers of each (recorded in its :class:`GraphInfo`)."""
+    positions = layer_positions(layer_order(gm))
+    for prefix, sub in list(graph_modules(gm)):
+        annotate(sub, config, prefix=prefix, positions=positions)
+        graph_info(sub).eager_layers = {
+            name: _eager_decision(config, sub, name, ".".join(p for p in (prefix, name) if p),
+                                  positions)
+            for name in eager_layers(sub)
+        }
     return gm

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch.fx as fx
@@ -70,6 +70,28 @@ class NodeQuant:
     @property
     def quantized(self) -> bool:
         return self.skipped is None
+
+
+@dataclass
+class GraphInfo:
+    """What the passes record about a whole GraphModule, under ``gm.meta["mecqtk"]``.
+
+    ``auto_leaves``: module classes the tracer kept whole because tracing failed inside them.
+    ``eager_layers``: decisions for Conv/Linear layers that run inside a leaf module's own
+    (untraced) forward, by qualified name relative to ``gm``; the insert pass gives each a
+    :class:`~mecqtk.quant.modules.QuantizedLayer` with an input quantizer.
+    """
+
+    auto_leaves: tuple[str, ...] = ()
+    eager_layers: dict[str, NodeQuant] = field(default_factory=dict)
+
+
+def graph_info(gm: fx.GraphModule) -> GraphInfo:
+    """The GraphModule's record, created empty on first use."""
+    info = gm.meta.get(META_KEY)
+    if info is None:
+        info = gm.meta[META_KEY] = GraphInfo()
+    return info
 
 
 def get_quant(node: fx.Node) -> NodeQuant | None:

@@ -18,7 +18,7 @@ def calibrate_weights(model: nn.Module) -> None:
         if isinstance(layer, QuantizedLayer):
             quantizer = layer.weight_quantizer
             quantizer.start_observing()
-            quantizer(layer.layer.weight)
+            quantizer(layer.effective_weight())
             quantizer.finish_observing()
 
 

@@ -134,6 +134,9 @@ class QuantConfig:
         (),
         doc="module class names the tracer keeps whole (their inner Conv/Linear still quantized)",
     )
+    auto_leaf: bool = constrained(
+        True, doc="keep a submodule whole when tracing fails inside it, instead of stopping"
+    )
 
     def __post_init__(self) -> None:
         if self.weight.signed == "unsigned":
