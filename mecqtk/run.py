@@ -18,10 +18,13 @@ from mecqtk.graph import prepare
 from mecqtk.io import append_jsonl, atomic_torch_save
 from mecqtk.models import create_model
 from mecqtk.progress import progress_bar, say
+from mecqtk.quant.arith import use_compiled_kernels
 from mecqtk.quant.calibrate import calibrate
 from mecqtk.recipe import Recipe, load_recipe
 from mecqtk.rundir import RunDir, RunInfo
 from mecqtk.train import build_optimizer, build_scheduler, evaluate, train_one_epoch
+from mecqtk.train.teacher import Teacher
+from mecqtk.train.terms import DistillTerm, MECTerm
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def build_loss_terms(recipe: Recipe, float_model: torch.nn.Module, qmodel: torch.fx.GraphModule,
+                     steps_per_epoch: int, probe: torch.Tensor,
+                     device: torch.device) -> list:
+    """The MEC and distillation terms the recipe asks for, sharing one frozen float teacher."""
+    needs_teacher = recipe.distill.enabled or (
+        recipe.mec.enabled and recipe.mec.view == "teacher")
+    teacher = Teacher(float_model, recipe.quant.leaf_modules).to(device) if needs_teacher else None
+    terms: list = []
+    if recipe.mec.enabled:
+        terms.append(MECTerm(recipe.mec, qmodel, qmodel, teacher, steps_per_epoch, probe,
+                             seed=recipe.train.seed))
+    if recipe.distill.enabled:
+        assert teacher is not None
+        terms.append(DistillTerm(recipe.distill, teacher))
+    return terms
+
+
 def _checkpoint_state(qmodel, optimizer, scheduler, epoch: int, step: int) -> dict[str, Any]:
     return {
         "format": 1,
@@ -105,6 +125,7 @@ def quantize(options: QuantizeOptions) -> RunSummary:
         )
     device = resolve_device(options.device)
     seed_everything(recipe.train.seed)
+    use_compiled_kernels(recipe.train.fused_quantizers)
 
     num_classes, class_names = peek_num_classes(options.data)
     model = create_model(options.model, num_classes=num_classes, pretrained=options.pretrained,
@@ -140,19 +161,24 @@ def quantize(options: QuantizeOptions) -> RunSummary:
 
     epochs = recipe.train.epochs
     steps_per_epoch = len(data.train_loader)
+    probe = next(iter(data.train_loader))[0][:16].to(device)
+    terms = build_loss_terms(recipe, model, qmodel, steps_per_epoch, probe, device)
     optimizer = build_optimizer(qmodel, recipe.train.optimizer)
+    extra_params = [p for term in terms for p in term.trainable.parameters()]
+    if extra_params:
+        optimizer.add_param_group({"params": extra_params, "weight_decay": 0.0})
     scheduler = build_scheduler(optimizer, recipe.train.schedule, epochs * steps_per_epoch,
                                 steps_per_epoch)
     history: list[dict[str, Any]] = []
     quant_top1 = calib_top1
     step = 0
     for epoch in range(epochs):
-        data.set_epoch(epoch)
+        data.train_loader.set_epoch(epoch)
         epoch_start = time.perf_counter()
         with progress_bar(f"epoch {epoch + 1}/{epochs}", steps_per_epoch, show) as advance:
             stats = train_one_epoch(
                 qmodel, data.train_loader, optimizer, scheduler, device, epoch=epoch,
-                label_smoothing=recipe.train.label_smoothing, grad_clip=recipe.train.grad_clip,
+                start_step=step, extra_terms=terms, label_smoothing=recipe.train.label_smoothing, grad_clip=recipe.train.grad_clip,
                 progress=advance,
             )
         step += stats.steps

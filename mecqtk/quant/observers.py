@@ -83,19 +83,37 @@ class LSQInitObserver(Observer):
 
 
 class MSEObserver(Observer):
-    """Step minimising the mean squared quantization error, by a grid search over clip ratios."""
+    """Step minimising the mean squared quantization error: a coarse grid over clip ratios of the
+    largest magnitude, then a fine grid around the best coarse point (40 evaluations in all,
+    about as precise as a 400-point grid)."""
 
-    GRID = 100
+    COARSE = 20
+    FINE = 20
+    # The search runs on an evenly strided subset of each row: the error curve of thousands of
+    # values is already smooth, and large layers would otherwise dominate calibration time.
+    SEARCH_VALUES = 4096
 
     def compute_scale(self, qmin: int, qmax: int) -> torch.Tensor:
         data = self.data()
         top = _safe(data.abs().amax(dim=1) / _bound(qmin, qmax))
+        if data.shape[1] > self.SEARCH_VALUES:
+            data = data[:, :: data.shape[1] // self.SEARCH_VALUES]
         best_err = torch.full_like(top, float("inf"))
-        best = top.clone()
-        for step in range(self.GRID, 0, -1):
-            candidate = _safe(top * (step / self.GRID))
-            err = (fake_quantize(data, candidate[:, None], qmin, qmax) - data).pow_(2).mean(dim=1)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best = torch.where(better, candidate, best)
-        return best
+        best_ratio = torch.ones_like(top)
+
+        def search(ratios: torch.Tensor) -> None:
+            nonlocal best_err, best_ratio
+            for ratio in ratios:  # [channels] each
+                candidate = _safe(top * ratio)
+                err = (fake_quantize(data, candidate[:, None], qmin, qmax) - data).pow_(2)
+                err = err.mean(dim=1)
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                best_ratio = torch.where(better, ratio, best_ratio)
+
+        coarse = torch.arange(self.COARSE, 0, -1, dtype=top.dtype) / self.COARSE
+        search([torch.full_like(top, r.item()) for r in coarse])
+        width = 1.0 / self.COARSE
+        offsets = torch.linspace(-width, width, self.FINE + 2)[1:-1]
+        search([(best_ratio + o).clamp(0.01, 1.0) for o in offsets])
+        return _safe(top * best_ratio)

@@ -10,8 +10,10 @@ from mecqtk.recipe.loader import (
 )
 from mecqtk.recipe.schema import (
     CalibrationConfig,
+    DistillConfig,
     LayerMatch,
     LayerRule,
+    MECConfig,
     OptimizerConfig,
     QuantConfig,
     QuantizerConfig,
@@ -24,8 +26,10 @@ from mecqtk.recipe.schema import (
 
 __all__ = [
     "CalibrationConfig",
+    "DistillConfig",
     "LayerMatch",
     "LayerRule",
+    "MECConfig",
     "OptimizerConfig",
     "QuantConfig",
     "QuantizerConfig",

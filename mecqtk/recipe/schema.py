@@ -173,6 +173,41 @@ class TrainConfig:
     label_smoothing: float = constrained(0.0, ge=0.0, lt=1.0)
     grad_clip: float | None = constrained(None, gt=0.0, doc="max global grad norm")
     seed: int = constrained(0, ge=0)
+    fused_quantizers: bool = constrained(
+        True, doc="run fake-quant arithmetic through torch.compile (bit-identical, much faster)"
+    )
+
+
+@dataclass(frozen=True)
+class MECConfig:
+    """Maximum-entropy-coding regulariser (docs/mec.md)."""
+
+    enabled: bool = False
+    weight: float = constrained(0.5, ge=0.0, doc="gamma: weight of the MEC loss in the total loss")
+    weight_warmup_epochs: float = constrained(0.0, ge=0.0)
+    eps2: float | None = constrained(
+        None, gt=0.0, doc="distortion eps^2; null means the feature dimension d (series converges)"
+    )
+    order: int | None = constrained(4, ge=1, le=16, doc="Taylor order; null means exact logdet")
+    lam_warmup_epochs: float = constrained(
+        0.0, ge=0.0, doc="lambda rises from lambda/8 to lambda over these epochs"
+    )
+    view: Literal["teacher", "self", "augmented"] = "teacher"
+    tap: str = constrained(
+        "pooled", doc="features: 'pooled' (classifier input) or a traced node name"
+    )
+    projector: int | None = constrained(None, ge=1, doc="width of a linear projector; null: none")
+    experts: int = constrained(1, ge=1, le=64, doc="K: mixture components or channel groups")
+    expert_form: Literal["mixture", "grouped"] = "mixture"
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Knowledge distillation from the full-precision model (KL on softened logits)."""
+
+    enabled: bool = False
+    weight: float = constrained(1.0, ge=0.0)
+    temperature: float = constrained(4.0, gt=0.0)
 
 
 @dataclass(frozen=True)
@@ -183,3 +218,5 @@ class Recipe:
     description: str = ""
     quant: QuantConfig = field(default_factory=QuantConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    mec: MECConfig = field(default_factory=MECConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)

@@ -12,9 +12,9 @@ from torch import nn
 
 from mecqtk.errors import MecqtkError
 
-# Extra loss terms (MEC, distillation) plug in here: they get the batch and the logits and return
-# named scalar tensors that are added to the task loss.
-LossTerm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+# Extra loss terms (MEC, distillation) plug in here: they get the batch, the logits and the global
+# step and return named scalar tensors that are added to the task loss ("log_*" are only logged).
+LossTerm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], dict[str, torch.Tensor]]
 
 
 class NonFiniteLossError(MecqtkError):
@@ -59,6 +59,7 @@ def train_one_epoch(
     device: torch.device,
     *,
     epoch: int,
+    start_step: int = 0,
     label_smoothing: float = 0.0,
     grad_clip: float | None = None,
     extra_terms: list[LossTerm] = (),
@@ -74,7 +75,7 @@ def train_one_epoch(
         task = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
         terms = {"ce": task}
         for term in extra_terms:
-            terms.update(term(images, labels, logits))
+            terms.update(term(images, labels, logits, start_step + step))
         loss = sum(v for k, v in terms.items() if not k.startswith("log_"))
         loss_value = loss.item()
         if not math.isfinite(loss_value):

@@ -1,0 +1,70 @@
+"""Model creation: every timm model plus mecqtk's CIFAR ResNets, through timm's one factory."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+
+import timm
+from torch import nn
+
+from mecqtk.errors import ModelError
+from mecqtk.models import cifar_resnet  # noqa: F401  (registers cifar_resnet* in timm)
+from mecqtk.models.checkpoint import load_checkpoint_weights
+
+__all__ = ["create_model", "load_checkpoint_weights"]
+
+# Names with these prefixes are resolved by timm itself (Hugging Face Hub, local folders).
+_EXTERNAL_PREFIXES = ("hf-hub:", "hf_hub:", "local-dir:")
+_SUGGESTIONS = 5
+
+
+def create_model(
+    name: str,
+    *,
+    num_classes: int,
+    pretrained: bool = False,
+    checkpoint: str | Path | None = None,
+) -> nn.Module:
+    """Build a timm model (including ``cifar_resnet20/32/44/56``) with a fresh classifier size.
+
+    Args:
+        name: timm model name, optionally with a pretrained tag (``resnet50.a1_in1k``).
+        num_classes: Number of classifier outputs.
+        pretrained: Download timm's pretrained weights (needs network access).
+        checkpoint: Local weights file loaded after construction; must fit exactly.
+
+    Returns:
+        The model, in training mode, with ``model.pretrained_cfg`` describing its input.
+
+    Raises:
+        ModelError: Unknown name (close names are suggested), ``pretrained=True`` for a model
+            without published weights, or a checkpoint that does not fit.
+
+    Example:
+        >>> model = create_model("cifar_resnet20", num_classes=10)
+        >>> model.pretrained_cfg["input_size"]
+        (3, 32, 32)
+    """
+    if not name.startswith(_EXTERNAL_PREFIXES) and not timm.is_model(name):
+        raise ModelError(_unknown_name_message(name))
+    if pretrained and not name.startswith(_EXTERNAL_PREFIXES) and not _has_weights(name):
+        raise ModelError(
+            f"model '{name}' has no downloadable pretrained weights; drop pretrained and pass "
+            "a local weights file as checkpoint instead"
+        )
+    model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes)
+    if checkpoint is not None:
+        load_checkpoint_weights(model, checkpoint)
+    return model
+
+
+def _has_weights(name: str) -> bool:
+    cfg = timm.models.get_pretrained_cfg(name, allow_unregistered=True)
+    return cfg is not None and bool(cfg.has_weights)
+
+
+def _unknown_name_message(name: str) -> str:
+    candidates = difflib.get_close_matches(name, timm.list_models(), n=_SUGGESTIONS, cutoff=0.5)
+    hint = f"did you mean {', '.join(candidates)}?" if candidates else "no similar names exist;"
+    return f"unknown model '{name}'; {hint} timm.list_models() lists every name"

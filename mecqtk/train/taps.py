@@ -1,0 +1,74 @@
+"""Feature taps: identity nodes inserted into a traced graph that keep the tensor passing through,
+so a loss term can read features from any node without changing what the model computes."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from mecqtk.errors import RecipeError
+from mecqtk.graph.meta import annotated_nodes
+
+POOLED = "pooled"
+
+
+class FeatureTap(nn.Module):
+    """Returns its input unchanged and keeps a reference to it in ``value``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.value: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.value = x
+        return x
+
+
+def rows(features: torch.Tensor) -> torch.Tensor:
+    """Features as one row per sample: spatial maps and token sequences are averaged."""
+    if features.dim() == 2:
+        return features
+    if features.dim() == 4:
+        return features.mean(dim=(2, 3))
+    if features.dim() == 3:
+        return features.mean(dim=1)
+    return features.flatten(1)
+
+
+def classifier_input(gm: fx.GraphModule) -> fx.Node:
+    """The value feeding the last quantized layer (the pooled penultimate features).
+
+    In a quantized graph that is the activation quantizer's output, so MEC sees the features the
+    integer classifier will see.
+    """
+    layers = [n for n, q in annotated_nodes(gm) if q.kind in ("linear", "conv")]
+    if not layers:
+        raise RecipeError("mec.tap: the model has no quantized layer to take 'pooled' features from")
+    source = layers[-1].args[0]
+    assert isinstance(source, fx.Node)
+    return source
+
+
+def find_node(gm: fx.GraphModule, name: str) -> fx.Node:
+    for node in gm.graph.nodes:
+        if node.name == name:
+            return node
+    candidates = [n.name for n in gm.graph.nodes if n.op in ("call_module", "call_function")]
+    raise RecipeError(
+        f"mec.tap: no node named {name!r}; use 'pooled' or a node such as "
+        f"{', '.join(candidates[-6:])} (`mecqtk recipe explain` lists layers)"
+    )
+
+
+def attach_tap(gm: fx.GraphModule, node: fx.Node) -> FeatureTap:
+    """Insert a FeatureTap right after ``node``; every former user of ``node`` reads the tap."""
+    tap = FeatureTap()
+    name = f"feature_tap_{node.name}"
+    gm.add_submodule(name, tap)
+    with gm.graph.inserting_after(node):
+        tap_node = gm.graph.call_module(name, (node,))
+    node.replace_all_uses_with(tap_node, delete_user_cb=lambda user: user is not tap_node)
+    gm.graph.lint()
+    gm.recompile()
+    return tap

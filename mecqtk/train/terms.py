@@ -1,0 +1,171 @@
+"""Loss terms added to the task loss: MEC (docs/mec.md) and knowledge distillation.
+
+A term is called once per step with the batch, the student's logits and the global step, and
+returns named scalars; names starting with ``log_`` are logged but not added to the loss.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from mecqtk.mec import MECSchedule, MixtureCodingLength, coding_length, grouped_mec_loss, mec_loss
+from mecqtk.recipe.schema import DistillConfig, MECConfig
+from mecqtk.train.taps import POOLED, FeatureTap, attach_tap, classifier_input, find_node, rows
+from mecqtk.train.teacher import Teacher
+
+
+def gather_rows(z: torch.Tensor, with_grad: bool) -> torch.Tensor:
+    """All ranks' rows, so the coding length sees the global batch (gradient flows back to each
+    rank's own rows when ``with_grad``)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return z
+    if with_grad:
+        from torch.distributed.nn.functional import all_gather
+
+        return torch.cat(all_gather(z), dim=0)
+    parts = [torch.empty_like(z) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, z.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def second_view(images: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Another augmentation of a normalised batch: random shift by up to ``pad`` pixels (zero,
+    i.e. mean-colour, border) and random horizontal flip, per sample."""
+    n, _, h, w = images.shape
+    padded = F.pad(images, (pad, pad, pad, pad))
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).tolist()
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).tolist()
+    flip = torch.rand(n, generator=generator) < 0.5
+    out = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+    return torch.where(flip.view(n, 1, 1, 1).to(out.device), out.flip(3), out)
+
+
+class MECTerm:
+    """gamma * MEC loss between student features and the chosen second view.
+
+    Holds trainable parts (projector, mixture gate) in ``trainable``: they go to the optimizer
+    and into checkpoints. The student is referenced, not owned.
+    """
+
+    def __init__(
+        self,
+        config: MECConfig,
+        student: nn.Module,
+        student_graph: fx.GraphModule,
+        teacher: Teacher | None,
+        steps_per_epoch: int,
+        probe: torch.Tensor,
+        seed: int = 0,
+    ) -> None:
+        self.config = config
+        self.student = student
+        self.student_tap = self._tap(student_graph, quantized=True)
+        self.teacher = teacher
+        self.teacher_tap: FeatureTap | None = None
+        if config.view == "teacher":
+            if teacher is None:
+                raise ValueError("mec.view 'teacher' needs the float teacher")
+            self.teacher_tap = self._tap(teacher.graph, quantized=False)
+        with torch.no_grad():
+            was_training = student_graph.training
+            student_graph.eval()
+            student_graph(probe)
+            student_graph.train(was_training)
+        dim = rows(self.student_tap.value).shape[1]
+        self.projector = nn.Linear(dim, config.projector) if config.projector else None
+        self.dim = config.projector or dim
+        self.eps2 = config.eps2 if config.eps2 is not None else float(self.dim)
+        self.mixture = (
+            MixtureCodingLength(config.experts, self.dim, eps2=self.eps2, order=config.order)
+            if config.experts > 1 and config.expert_form == "mixture" else None
+        )
+        self.schedule = MECSchedule(
+            gamma=config.weight,
+            gamma_warmup_steps=round(config.weight_warmup_epochs * steps_per_epoch),
+            lam_warmup_steps=round(config.lam_warmup_epochs * steps_per_epoch),
+        )
+        self.generator = torch.Generator().manual_seed(seed)
+        self.trainable = nn.ModuleDict()
+        if self.projector is not None:
+            self.trainable["projector"] = self.projector
+        if self.mixture is not None:
+            self.trainable["mixture"] = self.mixture
+        self.trainable.to(probe.device)
+
+    def _tap(self, gm: fx.GraphModule, quantized: bool) -> FeatureTap:
+        if self.config.tap == POOLED:
+            node = classifier_input(gm) if quantized else _teacher_pooled(gm)
+        else:
+            node = find_node(gm, self.config.tap)
+        return attach_tap(gm, node)
+
+    def features(self, tap: FeatureTap) -> torch.Tensor:
+        assert tap.value is not None, "the tapped model has not run on this batch"
+        z = rows(tap.value)
+        return self.projector(z) if self.projector is not None else z
+
+    def loss(self, z1: torch.Tensor, z2: torch.Tensor | None, lam_scale: float) -> torch.Tensor:
+        config = self.config
+        if self.mixture is not None:
+            return self.mixture.loss(z1, z2, lam_scale=lam_scale)
+        if config.experts > 1:
+            return grouped_mec_loss(z1, z2, eps2=self.eps2, groups=config.experts,
+                                    order=config.order, lam_scale=lam_scale)
+        return mec_loss(z1, z2, eps2=self.eps2, order=config.order, lam_scale=lam_scale)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor,
+                 step: int) -> dict[str, torch.Tensor]:
+        z1 = self.features(self.student_tap)
+        z2: torch.Tensor | None = None
+        if self.config.view == "teacher":
+            assert self.teacher is not None and self.teacher_tap is not None
+            self.teacher(images)
+            z2 = self.features(self.teacher_tap).detach() if self.projector is None else \
+                self.features(self.teacher_tap)
+        elif self.config.view == "augmented":
+            self.student(second_view(images, self.generator))
+            z2 = self.features(self.student_tap)
+        z1 = gather_rows(z1, with_grad=True)
+        if z2 is not None:
+            z2 = gather_rows(z2, with_grad=z2.requires_grad)
+        loss = self.loss(z1, z2, self.schedule.lam_scale(step))
+        with torch.no_grad():
+            length = coding_length(z1.detach(), None if z2 is None else z2.detach(),
+                                   eps2=self.eps2, order=self.config.order)
+        return {
+            "mec": self.schedule.weight(step) * loss,
+            "log_mec_loss": loss.detach(),
+            "log_coding_length_per_sample": length / z1.shape[0],
+        }
+
+
+def _teacher_pooled(gm: fx.GraphModule) -> fx.Node:
+    """In the float teacher: the input of the last Conv/Linear (same place as the student's)."""
+    modules = dict(gm.named_modules())
+    layers = [n for n in gm.graph.nodes if n.op == "call_module"
+              and isinstance(modules[n.target], nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d)]
+    source = layers[-1].args[0]
+    assert isinstance(source, fx.Node)
+    return source
+
+
+class DistillTerm:
+    """weight * T^2 * KL(teacher || student) on logits softened by temperature T."""
+
+    trainable = nn.ModuleDict()
+
+    def __init__(self, config: DistillConfig, teacher: Teacher) -> None:
+        self.config = config
+        self.teacher = teacher
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor,
+                step: int) -> dict[str, torch.Tensor]:
+        t = self.config.temperature
+        target = F.log_softmax(self.teacher(images) / t, dim=1)
+        kl = F.kl_div(F.log_softmax(logits / t, dim=1), target, log_target=True,
+                      reduction="batchmean")
+        return {"kd": self.config.weight * t * t * kl}

@@ -1,0 +1,42 @@
+import pytest
+import torch
+
+from mecqtk.quant import arith
+
+
+@pytest.fixture
+def compiled():
+    if not arith.use_compiled_kernels(True):
+        pytest.skip("torch.compile is not available on this machine")
+    yield
+    arith.use_compiled_kernels(False)
+
+
+def _run(x, scale, zp, qmin, qmax):
+    x = x.clone().requires_grad_(True)
+    scale = scale.clone().requires_grad_(True)
+    zp = None if zp is None else zp.clone().requires_grad_(True)
+    y = arith.fake_quantize(x, scale, qmin, qmax, zero_point=zp, grad_scale=0.1)
+    (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+    return y.detach(), x.grad, scale.grad, None if zp is None else zp.grad
+
+
+@pytest.mark.parametrize("case", ["per_tensor", "per_channel", "zero_point"])
+def test_compiled_kernels_are_bit_identical_to_eager(compiled, case):
+    torch.manual_seed(0)
+    if case == "per_channel":
+        x, scale, zp, q = torch.randn(16, 8, 3, 3), torch.rand(16, 1, 1, 1) + 0.05, None, (-2, 1)
+    elif case == "zero_point":
+        x, scale, zp, q = torch.randn(4, 8, 5, 5), torch.tensor(0.013), torch.tensor(100.0), (0, 255)
+    else:
+        x, scale, zp, q = torch.randn(4, 8, 5, 5) * 3, torch.tensor(0.1), None, (0, 3)
+    fast = _run(x, scale, zp, *q)
+    arith.use_compiled_kernels(False)
+    slow = _run(x, scale, zp, *q)
+    # values and input gradients are elementwise: bit-identical; step-size gradients are sums,
+    # whose order the fused loop may change
+    assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
+    assert torch.allclose(fast[2], slow[2], rtol=1e-5, atol=1e-7)
+    assert (fast[3] is None) == (slow[3] is None)
+    if fast[3] is not None:
+        assert torch.allclose(fast[3], slow[3], rtol=1e-5, atol=1e-7)
