@@ -34,11 +34,13 @@ def main() -> None:
 
 
 def _register() -> None:
+    from mecqtk.cli.doctor import doctor_command
     from mecqtk.cli.quantize import quantize_command
     from mecqtk.cli.recipe import recipe_group
 
     main.add_command(quantize_command)
     main.add_command(recipe_group)
+    main.add_command(doctor_command)
 
 
 _register()

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch.fx as fx
 from torch import nn
 
-from mecqtk.graph.leaves import graph_modules
-from mecqtk.graph.meta import NodeQuant, annotated_nodes, graph_info
+from mecqtk.graph.insert import ACT_PREFIX
+from mecqtk.graph.meta import NodeQuant, get_quant, graph_info
 from mecqtk.quant.modules import QuantizedLayer, is_quantizable_layer
 
 NOT_CALLED = "never called as a module by the traced forward (unused, or read by functional code)"
@@ -96,9 +96,43 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
+def _annotated_rows(qmodel: fx.GraphModule) -> list[LayerRow]:
+    """Rows in execution order: graph order, with the interior of a leaf module (its nested
+    graphs and eager layers) spliced in where the leaf is called."""
+    rows: list[LayerRow] = []
+
+    def graph_rows(gm: fx.GraphModule, prefix: str) -> None:
+        eager = graph_info(gm).eager_layers
+        for node in gm.graph.nodes:
+            quant = get_quant(node)
+            if quant is not None:
+                name = _join(prefix, quant.module_name)
+                op = (describe_layer(qmodel.get_submodule(name)) if quant.kind in LAYER_KINDS
+                      else quant.kind)
+                rows.append(_row(name, quant, op))
+            elif node.op == "call_module" and not node.target.startswith(ACT_PREFIX):
+                leaf_rows(gm, gm.get_submodule(node.target), str(node.target), prefix, eager)
+
+    def leaf_rows(gm: fx.GraphModule, module: nn.Module, local: str, prefix: str,
+                  eager: dict[str, NodeQuant]) -> None:
+        if local in eager:
+            name = _join(prefix, local)
+            rows.append(_row(name, eager[local], describe_layer(module), eager=True))
+            return
+        for child_name, child in module.named_children():
+            path = f"{local}.{child_name}"
+            if isinstance(child, fx.GraphModule):
+                graph_rows(child, _join(prefix, path))
+            else:
+                leaf_rows(gm, child, path, prefix, eager)
+
+    graph_rows(qmodel, "")
+    return rows
+
+
 def quant_report(model: nn.Module, qmodel: fx.GraphModule) -> QuantReport:
-    """Rows for every annotated layer/op of ``qmodel`` (prepared from ``model``), plus a float
-    row for every Conv/Linear of ``model`` that no annotation covers.
+    """Rows for every annotated layer/op of ``qmodel`` (prepared from ``model``) in execution
+    order, then a float row for every Conv/Linear of ``model`` that no annotation covers.
 
     Example:
         >>> report = quant_report(model, prepare(model, recipe))
@@ -106,37 +140,13 @@ def quant_report(model: nn.Module, qmodel: fx.GraphModule) -> QuantReport:
         True
     """
     rows: dict[str, LayerRow] = {}
-    for prefix, sub in graph_modules(qmodel):
-        for _, quant in annotated_nodes(sub):
-            name = _join(prefix, quant.module_name)
-            if quant.kind in LAYER_KINDS:
-                op = describe_layer(qmodel.get_submodule(name))
-            else:
-                op = quant.kind
-            rows.setdefault(name, _row(name, quant, op))
-        for local, quant in graph_info(sub).eager_layers.items():
-            name = _join(prefix, local)
-            rows.setdefault(name, _row(name, quant, describe_layer(qmodel.get_submodule(name)),
-                                       eager=True))
+    for row in _annotated_rows(qmodel):
+        rows.setdefault(row.name, row)
     for name, module in model.named_modules():
         if is_quantizable_layer(module) and name not in rows:
             rows[name] = LayerRow(name=name, kind=_kind(module), op=describe_layer(module),
                                   weight=None, inputs=(), output=None, float_reason=NOT_CALLED)
-    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
-    seen = {name: i for i, name in enumerate(rows)}
-    ordered = sorted(rows.values(), key=lambda r: (_module_index(r.name, order), seen[r.name]))
-    return QuantReport(
-        rows=tuple(ordered),
-        auto_leaves=graph_info(qmodel).auto_leaves,
-    )
-
-
-def _module_index(name: str, order: dict[str, int]) -> int:
-    """Registration index of ``name`` or of its closest enclosing module (ops are named
-    ``<scope>.<node>``): close to execution order for most models."""
-    while name not in order and name:
-        name = name.rpartition(".")[0]
-    return order.get(name, 0)
+    return QuantReport(rows=tuple(rows.values()), auto_leaves=graph_info(qmodel).auto_leaves)
 
 
 def _kind(module: nn.Module) -> str:

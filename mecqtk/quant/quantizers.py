@@ -60,8 +60,9 @@ class FakeQuantizer(nn.Module):
         per_step = x.numel() // self.scale.numel() if self.per_channel else x[0].numel()
         return lsq_grad_scale(per_step, self.qmax)
 
-    def start_observing(self) -> None:
-        self.observer = OBSERVERS[self.spec.observer](axis=self.axis)
+    def start_observing(self, observer: str | None = None) -> None:
+        """Pass values through and collect them; ``observer`` overrides the spec's."""
+        self.observer = OBSERVERS[observer or self.spec.observer](axis=self.axis)
         self.mode = Mode.OBSERVE
 
     @torch.no_grad()
