@@ -17,6 +17,7 @@ from mecqtk.graph.ops import node_arguments, node_kind, operand_nodes
 from mecqtk.graph.rules import resolve
 from mecqtk.graph.signedness import nonnegative_values
 from mecqtk.graph.values import ValueKind, value_kinds
+from mecqtk.quant.bn_fold import can_fold
 from mecqtk.quant.spec import QuantSpec
 from mecqtk.recipe.schema import QuantConfig, QuantizerConfig
 
@@ -158,7 +159,19 @@ class _Annotator:
             module_name=module_name,
             weight=spec_from(resolution.weight, False, weight=True),
             inputs=tuple(inputs),
+            bn=self._foldable_bn(node) if self.config.batchnorm.fold else None,
         )
+
+    def _foldable_bn(self, node: fx.Node) -> str | None:
+        """The BN this layer feeds, when it is the layer's only user and used nowhere else."""
+        users = list(node.users)
+        if len(users) != 1 or users[0].op != "call_module":
+            return None
+        target = str(users[0].target)
+        calls = sum(1 for n in self.gm.graph.nodes if n.op == "call_module" and n.target == target)
+        if calls != 1 or not can_fold(self.modules[node.target], self.modules[target]):
+            return None
+        return target
 
 
 def annotate(

@@ -12,6 +12,7 @@ from torch import nn
 from mecqtk.graph.leaves import graph_modules
 from mecqtk.graph.meta import annotated_nodes, graph_info
 from mecqtk.graph.ops import node_arguments, replace_node_argument
+from mecqtk.quant.bn_fold import FoldedBNLayer
 from mecqtk.quant.modules import QuantizedLayer
 from mecqtk.quant.quantizers import FakeQuantizer, make_quantizer
 from mecqtk.quant.spec import QuantSpec
@@ -51,11 +52,29 @@ def _activation_quantizer(
     return node
 
 
+def _fold_bn(gm: fx.GraphModule, node: fx.Node, name: str, bn_name: str,
+             spec: QuantSpec) -> None:
+    """Replace layer ``name`` by a FoldedBNLayer holding BN ``bn_name``; drop the BN node."""
+    layer, bn = gm.get_submodule(name), gm.get_submodule(bn_name)
+    quantizer = make_quantizer(spec, channels=layer.weight.shape[0], axis=0)
+    parent_name, _, attr = name.rpartition(".")
+    parent = gm.get_submodule(parent_name) if parent_name else gm
+    setattr(parent, attr, FoldedBNLayer(layer, bn, quantizer.to(layer.weight.device)))
+    bn_node = next(iter(node.users))
+    bn_node.replace_all_uses_with(node)
+    gm.graph.erase_node(bn_node)
+    gm.delete_submodule(bn_name)
+
+
 def insert_quantizers(gm: fx.GraphModule) -> fx.GraphModule:
     """Swap annotated layers for :class:`QuantizedLayer` and quantize their annotated inputs and
     outputs, in this one graph; then wrap its eager layers."""
     made: dict[tuple[str, QuantSpec], fx.Node] = {}
-    for node, quant in annotated_nodes(gm):
+    annotated = annotated_nodes(gm)
+    for node, quant in annotated:  # BN nodes go first: later operands may name them
+        if quant.quantized and quant.bn is not None and quant.weight is not None:
+            _fold_bn(gm, node, quant.module_name, quant.bn, quant.weight)
+    for node, quant in annotated:
         if not quant.quantized:
             continue
         if quant.weight is not None:

@@ -58,6 +58,11 @@ class NodeQuant:
     ``<scope>.<node name>``, the scope being the module whose forward runs the op
     (``layer1.0.add``), which is what recipe rules match. ``skipped`` holds the reason when a
     quantizable node is deliberately left in float; nothing is inserted for it.
+
+    ``bn`` (conv/linear only, with ``quant.batchnorm.fold``) names the BatchNorm module, in the
+    same GraphModule, whose node is the layer's only user: the insert pass replaces the layer by
+    a :class:`~mecqtk.quant.bn_fold.FoldedBNLayer` holding that BN and removes the BN node (its
+    users read the layer's output); ``weight`` then quantizes the folded weight.
     """
 
     kind: OpKind
@@ -66,6 +71,7 @@ class NodeQuant:
     inputs: tuple[QuantSpec | None, ...] = ()
     output: QuantSpec | None = None
     skipped: str | None = None
+    bn: str | None = None
 
     @property
     def quantized(self) -> bool:

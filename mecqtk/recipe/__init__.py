@@ -9,6 +9,7 @@ from mecqtk.recipe.loader import (
     resolve_recipe_path,
 )
 from mecqtk.recipe.schema import (
+    BatchNormConfig,
     CalibrationConfig,
     DistillConfig,
     LayerMatch,
@@ -25,6 +26,7 @@ from mecqtk.recipe.schema import (
 )
 
 __all__ = [
+    "BatchNormConfig",
     "CalibrationConfig",
     "DistillConfig",
     "LayerMatch",

@@ -26,6 +26,12 @@ def _observer_names() -> list[str]:
     return list(OBSERVERS)
 
 
+def _weight_capable(name: str) -> bool:
+    from mecqtk.quant.registry import QUANTIZERS
+
+    return getattr(QUANTIZERS.get(name), "weight_capable", True)
+
+
 Granularity = Literal["per_tensor", "per_channel"]
 Signedness = Literal["auto", "signed", "unsigned"]
 OpKind = Literal["conv", "linear", "matmul", "add", "cat", "pool"]
@@ -117,6 +123,18 @@ class ResidualConfig:
 
 
 @dataclass(frozen=True)
+class BatchNormConfig:
+    """BatchNorm after a Conv/Linear during QAT. By default BN stays as is (folded exactly at
+    export); ``fold`` simulates the folding during training instead, so the quantizer sees the
+    folded weight ``w * gamma / sigma`` an integer kernel will use. Gamma is never divided by."""
+
+    fold: bool = constrained(False, doc="simulate conv-BN folding during QAT")
+    freeze_epoch: int | None = constrained(
+        None, ge=0, doc="epoch from which folded BN running statistics are frozen (null: never)"
+    )
+
+
+@dataclass(frozen=True)
 class CalibrationConfig:
     batches: int = constrained(4, ge=1, doc="batches of training data seen before training")
 
@@ -129,6 +147,7 @@ class QuantConfig:
     activation: QuantizerConfig = field(default_factory=QuantizerConfig)
     rules: tuple[LayerRule, ...] = field(default_factory=_default_rules)
     residual: ResidualConfig = field(default_factory=ResidualConfig)
+    batchnorm: BatchNormConfig = field(default_factory=BatchNormConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     leaf_modules: tuple[str, ...] = constrained(
         (),
@@ -141,6 +160,22 @@ class QuantConfig:
     def __post_init__(self) -> None:
         if self.weight.signed == "unsigned":
             raise RecipeError("weight.signed: weights are always signed; use signed or auto")
+        if self.activation.granularity != "per_tensor":
+            raise RecipeError("activation.granularity: activations are quantized per tensor; "
+                              "use per_tensor")
+        weights = [("weight", self.weight.quantizer)] + [
+            (f"rules[{i}].weight", r.weight.quantizer) for i, r in enumerate(self.rules)
+        ]
+        for key, name in weights:
+            if name is not None and not _weight_capable(name):
+                raise RecipeError(f"{key}.quantizer: {name!r} quantizes activations only; "
+                                  "use lsq for weights")
+        for i, rule in enumerate(self.rules):
+            if rule.weight.signed == "unsigned":
+                raise RecipeError(f"rules[{i}].weight.signed: weights are always signed")
+            if rule.activation.granularity == "per_channel":
+                raise RecipeError(f"rules[{i}].activation.granularity: activations are "
+                                  "quantized per tensor")
 
 
 @dataclass(frozen=True)
