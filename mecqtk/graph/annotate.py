@@ -13,7 +13,13 @@ from torch import nn
 
 from mecqtk.graph.leaves import eager_layers, graph_modules, is_layer
 from mecqtk.graph.meta import NodeQuant, OpKind, graph_info, set_quant
-from mecqtk.graph.ops import node_arguments, node_kind, operand_nodes
+from mecqtk.graph.ops import (
+    functional_weight,
+    layer_name,
+    node_arguments,
+    node_kind,
+    operand_nodes,
+)
 from mecqtk.graph.rules import resolve
 from mecqtk.graph.signedness import nonnegative_values
 from mecqtk.graph.values import ValueKind, value_kinds
@@ -57,6 +63,10 @@ def layer_positions(names: list[str]) -> dict[str, set[str]]:
         positions[names[0]].add("first")
         positions[names[-1]].add("last")
     return positions
+
+
+def _qualified(prefix: str, name: str) -> str:
+    return ".".join(p for p in (prefix, name) if p)
 
 
 def layer_nodes(gm: fx.GraphModule) -> list[fx.Node]:
@@ -118,10 +128,14 @@ class _Annotator:
     def decide(self, node: fx.Node, kind: OpKind) -> NodeQuant | None:
         arguments = node_arguments(node)
         operands = operand_nodes(node, kind)
-        if not operands or not all(self._is_tensor(arguments[i]) for i in operands):
+        if not operands:
+            return None
+        if kind == "add" and not all(self._is_tensor(arguments[i]) for i in operands):
             return None  # not an op on tensors (x.shape[1] + 1), or operands we cannot see
+        if kind in ("add", "cat") and all(arguments[i].op == "get_attr" for i in operands):
+            return None  # combines parameters (BEiT's q/k/v biases), not activations
         if kind in LAYER_KINDS:
-            return self._layer(node, kind, arguments)
+            return self._layer(node, kind, arguments, operands[0])
         residual = self.config.residual
         if kind != "matmul" and not (residual.enabled and kind in residual.ops):
             return None
@@ -145,21 +159,25 @@ class _Annotator:
             output = spec_from(resolution.activation, node in self.nonneg)
         return NodeQuant(kind=kind, module_name=name, inputs=tuple(inputs), output=output)
 
-    def _layer(self, node: fx.Node, kind: OpKind, arguments: list[fx.Node]) -> NodeQuant:
-        module_name = str(node.target)
-        name = ".".join(p for p in (self.prefix.rstrip("."), module_name) if p)
+    def _layer(self, node: fx.Node, kind: OpKind, arguments: list[fx.Node],
+               data: int) -> NodeQuant:
+        module_name = layer_name(node, self.modules)
+        name = _qualified(self.prefix, module_name)
         resolution = resolve(self.config, name, kind, self.positions.get(name, set()))
         if resolution.skipped is not None:
             return NodeQuant(kind=kind, module_name=module_name, skipped=resolution.skipped)
         assert resolution.weight is not None and resolution.activation is not None
         inputs: list[QuantSpec | None] = [None] * len(arguments)
-        inputs[0] = spec_from(resolution.activation, arguments[0] in self.nonneg)
+        inputs[data] = spec_from(resolution.activation, arguments[data] in self.nonneg)
+        functional = functional_weight(node, self.modules)
+        folds = self.config.batchnorm.fold and node.op == "call_module"
         return NodeQuant(
             kind=kind,
             module_name=module_name,
             weight=spec_from(resolution.weight, False, weight=True),
             inputs=tuple(inputs),
-            bn=self._foldable_bn(node) if self.config.batchnorm.fold else None,
+            bn=self._foldable_bn(node) if folds else None,
+            weight_input=functional[1] if functional else None,
         )
 
     def _foldable_bn(self, node: fx.Node) -> str | None:
@@ -194,8 +212,8 @@ def annotate(
         >>> gm = annotate(trace(model), load_recipe("w4a4_lsq.yaml").quant)
     """
     if positions is None:
-        names = [".".join(p for p in (prefix.rstrip("."), str(n.target)) if p)
-                 for n in layer_nodes(gm)]
+        modules = dict(gm.named_modules())
+        names = [_qualified(prefix, layer_name(n, modules)) for n in layer_nodes(gm)]
         positions = layer_positions(names)
     _Annotator(gm, config, prefix, positions).run()
     return gm
@@ -229,11 +247,14 @@ def layer_order(gm: fx.GraphModule, prefix: str = "") -> list[str]:
             else:
                 walk_leaf(child, f"{path}.{name}")
 
+    modules = dict(gm.named_modules())
     for node in gm.graph.nodes:
+        if functional_weight(node, modules) is not None:
+            order.append(_qualified(prefix, layer_name(node, modules)))
         if node.op != "call_module":
             continue
-        module = gm.get_submodule(node.target)
-        path = ".".join(p for p in (prefix, str(node.target)) if p)
+        module = modules[node.target]
+        path = _qualified(prefix, str(node.target))
         if is_layer(module):
             order.append(path)
         else:

@@ -7,6 +7,7 @@ the gradients are finite and that every quantized layer actually ran.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -153,6 +154,45 @@ def _run_once(qmodel: nn.Module, x: torch.Tensor) -> tuple[bool, bool, tuple[str
     return True, True, tuple(n for n in layers if n not in ran), None
 
 
+def check_model(
+    float_model: nn.Module,
+    recipe: str | Recipe | None = None,
+    *,
+    input_size: tuple[int, ...] | None = None,
+    name: str | None = None,
+    batch_size: int = 2,
+    seed: int = 0,
+) -> DoctorResult:
+    """:func:`doctor` for a model object (built with whatever arguments it needs).
+
+    Example:
+        >>> check_model(timm.create_model("vit_tiny_patch16_224", img_size=32)).ok
+        True
+    """
+    start = time.perf_counter()
+    loaded = _recipe(recipe)
+    size = input_size or _input_size(float_model, None)
+    name = name or type(float_model).__name__
+    try:
+        qmodel = prepare(float_model, loaded)
+    except GraphError as err:
+        return DoctorResult(name, loaded.name, size, traced=False, error=str(err),
+                            seconds=time.perf_counter() - start)
+    report = quant_report(float_model, qmodel)
+    ops: dict[str, int] = {}
+    for row in report.rows:
+        if row.quantized and row.kind not in ("conv", "linear"):
+            ops[row.kind] = ops.get(row.kind, 0) + 1
+    torch.manual_seed(seed)
+    x = torch.randn(batch_size, *size)
+    forward_ok, backward_ok, not_run, error = _run_once(qmodel, x)
+    return DoctorResult(
+        name, loaded.name, size, traced=True, forward_ok=forward_ok, backward_ok=backward_ok,
+        error=error, auto_leaves=report.auto_leaves, report=report, not_run=not_run,
+        seconds=time.perf_counter() - start, ops=ops,
+    )
+
+
 def doctor(
     model: str,
     recipe: str | Recipe | None = None,
@@ -163,6 +203,7 @@ def doctor(
 ) -> DoctorResult:
     """Trace and quantize ``model``, run it once forward and backward, and report.
 
+    Calibration (min-max, on the same random batch) comes first, so step sizes are realistic.
     Failures to trace or run are reported in the result, not raised; an unknown model name or a
     bad recipe raise (ModelError / RecipeError).
 
@@ -174,22 +215,6 @@ def doctor(
     start = time.perf_counter()
     loaded = _recipe(recipe)
     float_model = build_model(model)
-    size = _input_size(float_model, image_size)
-    try:
-        qmodel = prepare(float_model, loaded)
-    except GraphError as err:
-        return DoctorResult(model, loaded.name, size, traced=False, error=str(err),
-                            seconds=time.perf_counter() - start)
-    report = quant_report(float_model, qmodel)
-    ops: dict[str, int] = {}
-    for row in report.rows:
-        if row.quantized and row.kind not in ("conv", "linear"):
-            ops[row.kind] = ops.get(row.kind, 0) + 1
-    torch.manual_seed(seed)
-    x = torch.randn(batch_size, *size)
-    forward_ok, backward_ok, not_run, error = _run_once(qmodel, x)
-    return DoctorResult(
-        model, loaded.name, size, traced=True, forward_ok=forward_ok, backward_ok=backward_ok,
-        error=error, auto_leaves=report.auto_leaves, report=report, not_run=not_run,
-        seconds=time.perf_counter() - start, ops=ops,
-    )
+    result = check_model(float_model, loaded, input_size=_input_size(float_model, image_size),
+                         name=model, batch_size=batch_size, seed=seed)
+    return dataclasses.replace(result, seconds=time.perf_counter() - start)

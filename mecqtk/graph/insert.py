@@ -18,6 +18,7 @@ from mecqtk.quant.quantizers import FakeQuantizer, make_quantizer
 from mecqtk.quant.spec import QuantSpec
 
 ACT_PREFIX = "aq_"
+WEIGHT_PREFIX = "wq_"
 
 
 def _swap_weight_quantized(
@@ -66,6 +67,19 @@ def _fold_bn(gm: fx.GraphModule, node: fx.Node, name: str, bn_name: str,
     gm.delete_submodule(bn_name)
 
 
+def _quantize_weight_argument(gm: fx.GraphModule, node: fx.Node, index: int, name: str,
+                              spec: QuantSpec) -> None:
+    """A functional layer (``F.linear(x, self.qkv.weight)``): quantize the weight it is given."""
+    weight = node_arguments(node)[index]
+    parameter = gm.get_parameter(str(weight.target))
+    module_name = WEIGHT_PREFIX + name.replace(".", "_")
+    quantizer = make_quantizer(spec, channels=parameter.shape[0], axis=0)
+    gm.add_submodule(module_name, quantizer.to(parameter.device))
+    with gm.graph.inserting_after(weight):
+        quantized = gm.graph.call_module(module_name, (weight,))
+    replace_node_argument(node, index, quantized)
+
+
 def insert_quantizers(gm: fx.GraphModule) -> fx.GraphModule:
     """Swap annotated layers for :class:`QuantizedLayer` and quantize their annotated inputs and
     outputs, in this one graph; then wrap its eager layers."""
@@ -77,7 +91,10 @@ def insert_quantizers(gm: fx.GraphModule) -> fx.GraphModule:
     for node, quant in annotated:
         if not quant.quantized:
             continue
-        if quant.weight is not None:
+        if quant.weight is not None and quant.weight_input is not None:
+            _quantize_weight_argument(gm, node, quant.weight_input, quant.module_name,
+                                      quant.weight)
+        elif quant.weight is not None:
             _swap_weight_quantized(gm, quant.module_name, quant.weight)
         arguments = node_arguments(node)
         for index, spec in enumerate(quant.inputs):

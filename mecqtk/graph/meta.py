@@ -59,6 +59,12 @@ class NodeQuant:
     (``layer1.0.add``), which is what recipe rules match. ``skipped`` holds the reason when a
     quantizable node is deliberately left in float; nothing is inserted for it.
 
+    A conv/linear node may also be a ``call_function`` of ``F.linear``/``F.conv*d`` whose weight
+    argument is a layer's own parameter (``F.linear(x, self.qkv.weight, qkv_bias)`` in BEiT/EVA).
+    ``module_name`` then names that layer, ``weight_input`` is the weight's index in
+    ``node_arguments(node)``, and the insert pass puts a per-channel weight quantizer module named
+    ``wq_<layer>`` between the parameter and the call (the layer module itself is not swapped).
+
     ``bn`` (conv/linear only, with ``quant.batchnorm.fold``) names the BatchNorm module, in the
     same GraphModule, whose node is the layer's only user: the insert pass replaces the layer by
     a :class:`~mecqtk.quant.bn_fold.FoldedBNLayer` holding that BN and removes the BN node (its
@@ -72,6 +78,7 @@ class NodeQuant:
     output: QuantSpec | None = None
     skipped: str | None = None
     bn: str | None = None
+    weight_input: int | None = None
 
     @property
     def quantized(self) -> bool:

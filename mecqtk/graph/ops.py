@@ -32,6 +32,7 @@ POOL_FUNCTIONS = {
     F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
     torch.max_pool1d, torch.max_pool2d, torch.max_pool3d, torch.avg_pool1d,
 }
+FUNCTIONAL_LAYERS = {F.linear: "linear", F.conv1d: "conv", F.conv2d: "conv", F.conv3d: "conv"}
 _SPATIAL_DIMS = ({2, 3}, {-2, -1}, {2, 3, 4}, {-3, -2, -1})
 
 
@@ -75,6 +76,41 @@ def _is_global_mean(node: fx.Node) -> bool:
     return isinstance(dims, list | tuple) and set(dims) in _SPATIAL_DIMS
 
 
+def _argument(node: fx.Node, position: int, keyword: str) -> Any:
+    if len(node.args) > position:
+        return node.args[position]
+    return node.kwargs.get(keyword)
+
+
+def functional_weight(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, int] | None:
+    """For ``F.linear(x, self.qkv.weight, bias)`` and ``F.conv2d`` likewise: the name of the
+    layer whose weight parameter is passed, and the weight's index in :func:`node_arguments`.
+    None when the weight is computed rather than a module's own ``weight`` parameter.
+
+    (A traced GraphModule keeps only the parameter of a layer used this way, not the layer's
+    class, so the parameter's rank tells linear (2) from conv (3 to 5).)
+    """
+    if node.op != "call_function" or node.target not in FUNCTIONAL_LAYERS:
+        return None
+    weight = _argument(node, 1, "weight")
+    if not isinstance(weight, fx.Node) or weight.op != "get_attr":
+        return None
+    owner, _, attr = str(weight.target).rpartition(".")
+    parent = modules.get(owner)
+    parameter = getattr(parent, attr, None) if parent is not None else None
+    if attr != "weight" or not isinstance(parameter, nn.Parameter):
+        return None
+    rank_ok = parameter.dim() == 2 if FUNCTIONAL_LAYERS[node.target] == "linear" else (
+        parameter.dim() == {F.conv1d: 3, F.conv2d: 4, F.conv3d: 5}[node.target])
+    return (owner, node_arguments(node).index(weight)) if rank_ok else None
+
+
+def layer_name(node: fx.Node, modules: dict[str, nn.Module]) -> str:
+    """The layer a conv/linear node computes: its module, or the owner of its weight."""
+    functional = functional_weight(node, modules)
+    return functional[0] if functional else str(node.target)
+
+
 def node_kind(node: fx.Node, modules: dict[str, nn.Module]) -> OpKind | None:
     """The quantization-relevant kind of ``node``, or None for anything else."""
     if node.op == "call_module":
@@ -88,6 +124,8 @@ def node_kind(node: fx.Node, modules: dict[str, nn.Module]) -> OpKind | None:
         return None
     if node.op == "call_function":
         target = node.target
+        if target in FUNCTIONAL_LAYERS:
+            return FUNCTIONAL_LAYERS[target] if functional_weight(node, modules) else None
         if target in ADD_FUNCTIONS:
             return "add"
         if target in CAT_FUNCTIONS:
@@ -112,8 +150,8 @@ def operand_nodes(node: fx.Node, kind: OpKind) -> list[int]:
     input of a layer or pool, both sides of an add or matmul, every piece of a cat."""
     arguments = node_arguments(node)
     if kind in ("conv", "linear", "pool"):
-        first = node.args[0] if node.args else None
-        return [0] if isinstance(first, fx.Node) else []
+        data = _argument(node, 0, "input")
+        return [arguments.index(data)] if isinstance(data, fx.Node) else []
     if kind == "cat":
         pieces = node.args[0] if node.args else node.kwargs.get("tensors", ())
         return list(range(len([p for p in pieces if isinstance(p, fx.Node)])))

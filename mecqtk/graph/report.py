@@ -12,12 +12,13 @@ from dataclasses import dataclass
 import torch.fx as fx
 from torch import nn
 
-from mecqtk.graph.insert import ACT_PREFIX
+from mecqtk.graph.insert import ACT_PREFIX, WEIGHT_PREFIX
 from mecqtk.graph.meta import NodeQuant, get_quant, graph_info
 from mecqtk.quant.modules import QuantizedLayer, is_quantizable_layer
 
 NOT_CALLED = "never called as a module by the traced forward (unused, or read by functional code)"
 LAYER_KINDS = ("conv", "linear")
+QUANTIZER_PREFIXES = (ACT_PREFIX, WEIGHT_PREFIX)
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def _annotated_rows(qmodel: fx.GraphModule) -> list[LayerRow]:
+def _annotated_rows(qmodel: fx.GraphModule, originals: dict[str, nn.Module]) -> list[LayerRow]:
     """Rows in execution order: graph order, with the interior of a leaf module (its nested
     graphs and eager layers) spliced in where the leaf is called."""
     rows: list[LayerRow] = []
@@ -107,10 +108,12 @@ def _annotated_rows(qmodel: fx.GraphModule) -> list[LayerRow]:
             quant = get_quant(node)
             if quant is not None:
                 name = _join(prefix, quant.module_name)
-                op = (describe_layer(qmodel.get_submodule(name)) if quant.kind in LAYER_KINDS
-                      else quant.kind)
+                op = (describe_layer(originals.get(name) or qmodel.get_submodule(name))
+                      if quant.kind in LAYER_KINDS else quant.kind)
+                if quant.weight_input is not None:
+                    op += " (functional)"
                 rows.append(_row(name, quant, op))
-            elif node.op == "call_module" and not node.target.startswith(ACT_PREFIX):
+            elif node.op == "call_module" and not node.target.startswith(QUANTIZER_PREFIXES):
                 leaf_rows(gm, gm.get_submodule(node.target), str(node.target), prefix, eager)
 
     def leaf_rows(gm: fx.GraphModule, module: nn.Module, local: str, prefix: str,
@@ -140,7 +143,7 @@ def quant_report(model: nn.Module, qmodel: fx.GraphModule) -> QuantReport:
         True
     """
     rows: dict[str, LayerRow] = {}
-    for row in _annotated_rows(qmodel):
+    for row in _annotated_rows(qmodel, dict(model.named_modules())):
         rows.setdefault(row.name, row)
     for name, module in model.named_modules():
         if is_quantizable_layer(module) and name not in rows:

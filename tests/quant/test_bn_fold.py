@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import timm
 import torch
 from torch import nn
@@ -16,6 +17,15 @@ from mecqtk.quant.spec import QuantSpec
 from mecqtk.recipe import recipe_from_dict
 
 SPEC = QuantSpec(bits=4, signed=True, granularity="per_channel")
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Two OpenMP threads on a busy 2-core machine make the resnet18 steps many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _folded(bias: bool = False):
