@@ -112,7 +112,7 @@ def test_train_dependent_modules_without_layers_are_leaves():
     assert qmodel(torch.ones(1, 3, 2, 2)).abs().sum() > 0
 
 
-def test_unused_and_functionally_read_layers_are_reported_float():
+def test_functional_layers_are_quantized_and_unused_ones_reported_float():
     class Functional(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -124,7 +124,22 @@ def test_unused_and_functionally_read_layers_are_reported_float():
             return torch.nn.functional.linear(self.used(x), self.read.weight)
 
     model = Functional()
-    report = quant_report(model, prepare(model, QuantConfig()))
+    qmodel = prepare(model, QuantConfig())
+    report = quant_report(model, qmodel)
     floats = {r.name: r.float_reason for r in report.layers_float}
-    assert set(floats) == {"read", "unused"}
-    assert all("never called" in reason for reason in floats.values())
+    assert set(floats) == {"unused"} and "never called" in floats["unused"]
+    read = next(r for r in report.rows if r.name == "read")
+    assert read.quantized and read.op == "Linear (functional)"
+    # F.linear(..., self.read.weight): the weight argument goes through a per-channel quantizer
+    quantizer = qmodel.get_submodule("wq_read")
+    assert quantizer.per_channel and quantizer.scale.numel() == 4
+    linear = next(n for n in qmodel.graph.nodes if n.target is torch.nn.functional.linear)
+    assert linear.args[1].target == "wq_read" and linear.args[0].target.startswith("aq_")
+    with torch.no_grad():
+        quantizer.scale.fill_(0.05)
+    weight = quantizer(qmodel.get_parameter("read.weight"))
+    codes = weight / 0.05
+    torch.testing.assert_close(codes, codes.round(), atol=1e-4, rtol=0)
+    out = qmodel(torch.randn(3, 4))
+    out.sum().backward()
+    assert quantizer.scale.grad is not None and torch.isfinite(out).all()
