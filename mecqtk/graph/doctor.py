@@ -129,7 +129,8 @@ def _first_line(err: BaseException) -> str:
 
 
 def _run_once(qmodel: nn.Module, x: torch.Tensor) -> tuple[bool, bool, tuple[str, ...], str | None]:
-    """Calibrate on ``x``, one forward + backward; (forward_ok, backward_ok, not run, error)."""
+    """Calibrate on ``x``, one forward + backward in train mode, one forward in eval mode;
+    (forward_ok, backward_ok, quantized layers that never ran, error)."""
     ran: set[str] = set()
     hooks = [m.register_forward_hook(lambda mod, *_, name=n: ran.add(name))
              for n, m in qmodel.named_modules() if isinstance(m, QuantizedLayer)]
@@ -151,7 +152,17 @@ def _run_once(qmodel: nn.Module, x: torch.Tensor) -> tuple[bool, bool, tuple[str
     if not grads or not all(torch.isfinite(g).all() for g in grads):
         return True, False, (), "gradients are missing or not finite"
     layers = [n for n, m in qmodel.named_modules() if isinstance(m, QuantizedLayer)]
-    return True, True, tuple(n for n in layers if n not in ran), None
+    not_run = tuple(n for n in layers if n not in ran)
+    try:  # the graph was traced in train mode: eval (running BN statistics) must work too
+        qmodel.eval()
+        with torch.no_grad():
+            out = qmodel(x)
+        outputs = out if isinstance(out, tuple | list) else (out,)
+        if not all(torch.isfinite(o).all() for o in outputs if isinstance(o, torch.Tensor)):
+            return False, True, not_run, "eval-mode output is not finite"
+    except Exception as err:
+        return False, True, not_run, f"eval mode: {_first_line(err)}"
+    return True, True, not_run, None
 
 
 def check_model(
