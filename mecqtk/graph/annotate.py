@@ -107,7 +107,8 @@ class _Annotator:
         self.positions = positions
         self.modules = dict(gm.named_modules())
         self.kinds = value_kinds(gm)
-        self.nonneg = {n for n in gm.graph.nodes if n.name in nonnegative_values(gm)}
+        nonneg_names = nonnegative_values(gm)
+        self.nonneg = {n for n in gm.graph.nodes if n.name in nonneg_names}
         self.quantized_outputs: set[fx.Node] = set()
 
     def run(self) -> None:
