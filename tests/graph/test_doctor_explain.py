@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 
 from click.testing import CliRunner
+from torch import nn
 
 from mecqtk.cli import main
+from mecqtk.graph.doctor import check_model
+from mecqtk.recipe import recipe_from_dict
 
 
 def test_doctor_json_last_line_reports_a_healthy_model():
@@ -66,3 +69,35 @@ def test_explain_shows_float_layers_with_reason(tmp_path):
     fc = next(line for line in result.output.splitlines() if "│ fc " in line)
     assert "float: recipe rule quant.rules[0] skips it" in fc
     assert "20/21 Conv/Linear layers quantized, 1 left float" in result.output
+
+
+class _Branchy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x) if x.abs().sum() >= 0 else x  # decided on a tensor value
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = _Branchy()
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.body(x).mean((2, 3)))
+
+
+def test_check_model_reports_needed_leaves_and_json_fields():
+    result = check_model(_Net(), "w2a2_lsq.yaml", input_size=(3, 8, 8), name="net")
+    data = result.as_json()
+    assert data["needed_leaves"] is True and data["auto_leaves"] == ["_Branchy"]
+    assert data["ok"] and data["layers_total"] == data["layers_quantized"] == 2
+    assert data["forward_ok"] and data["backward_ok"] and data["traced"]
+    strict = recipe_from_dict({"quant": {"auto_leaf": False}})
+    failed = check_model(_Net(), strict, input_size=(3, 8, 8), name="net")
+    assert not failed.traced and not failed.ok
+    assert "body (_Branchy)" in failed.error and "quant.leaf_modules" in failed.error
+    assert failed.as_json()["layers_total"] == 0
