@@ -64,7 +64,7 @@ def prepare(model: nn.Module, recipe: Recipe | QuantConfig) -> fx.GraphModule:
     config = recipe.quant if isinstance(recipe, Recipe) else recipe
     model = copy.deepcopy(model)
     unfuse_timm_attention(model)
-    gm = trace(model, config.leaf_modules, auto_leaf=config.auto_leaf)
+    gm = trace(model, config.leaf_modules, auto_leaf=config.auto_leaf, specialize_defaults=True)
     for attr in ("pretrained_cfg", "default_cfg", "num_classes", "num_features"):
         if hasattr(model, attr):
             setattr(gm, attr, getattr(model, attr))

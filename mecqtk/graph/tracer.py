@@ -95,8 +95,25 @@ def _failure(model: nn.Module, tracer: QuantTracer, err: Exception) -> tuple[str
     )
 
 
+def _defaults_after_input(model: nn.Module) -> dict[str, object]:
+    """Optional forward arguments after the input (``mask=None``), to trace with their defaults:
+    a model is called as ``model(x)``, and a traced ``if mask is not None`` would otherwise take
+    the branch for a mask. fx guards each: passing another value fails loudly."""
+    parameters = list(inspect.signature(model.forward).parameters.values())[1:]
+    return {
+        p.name: p.default for p in parameters
+        if p.default is not inspect.Parameter.empty
+        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        and isinstance(p.default, bool | int | float | str | type(None))
+    }
+
+
 def trace(
-    model: nn.Module, extra_leaf_classes: Iterable[str] = (), *, auto_leaf: bool = False
+    model: nn.Module,
+    extra_leaf_classes: Iterable[str] = (),
+    *,
+    auto_leaf: bool = False,
+    specialize_defaults: bool = False,
 ) -> fx.GraphModule:
     """Symbolically trace ``model`` into a GraphModule whose submodules keep their names.
 
@@ -105,6 +122,8 @@ def trace(
         extra_leaf_classes: class names to keep whole (the recipe's ``quant.leaf_modules``).
         auto_leaf: when tracing fails inside a submodule, keep that submodule's class whole and
             try again (the classes added are in ``graph_info(gm).auto_leaves``).
+        specialize_defaults: trace optional forward arguments after the input at their default
+            values (for a whole model, called as ``model(x)``).
 
     Raises:
         GraphError: naming the module path and class where tracing failed and the recipe key
@@ -116,10 +135,11 @@ def trace(
     """
     leaves = list(extra_leaf_classes)
     added: list[str] = []
+    concrete = _defaults_after_input(model) if specialize_defaults else None
     for _ in range(MAX_AUTO_LEAVES + 1):
         tracer = QuantTracer(leaves)
         try:
-            graph = tracer.trace(model)
+            graph = tracer.trace(model, concrete_args=concrete or None)
         except Exception as err:  # any failure inside user/timm code: report where it happened
             cls, message = _failure(model, tracer, err)
             if not auto_leaf or cls is None or cls in leaves:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import pytest
 import torch
 from torch import nn
@@ -143,3 +145,22 @@ def test_functional_layers_are_quantized_and_unused_ones_reported_float():
     out = qmodel(torch.randn(3, 4))
     out.sum().backward()
     assert quantizer.scale.grad is not None and torch.isfinite(out).all()
+
+
+class OptionalMask(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x, mask=None):
+        if mask is not None:  # a traced Proxy is never None: this branch needs the default
+            x = x * mask
+        return self.fc(x)
+
+
+def test_optional_forward_arguments_are_traced_at_their_defaults():
+    qmodel = prepare(OptionalMask(), QuantConfig())
+    assert not any(n.target is operator.mul for n in qmodel.graph.nodes)
+    assert torch.isfinite(qmodel(torch.randn(2, 4))).all()
+    with pytest.raises(AssertionError, match="mask has been specialized"):
+        qmodel(torch.randn(2, 4), torch.ones(2, 4))
