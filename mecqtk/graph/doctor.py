@@ -1,8 +1,9 @@
 """Check a model against a recipe without training: what is quantized, and does it run.
 
-:func:`explain` only prepares the model and reports per layer. :func:`doctor` goes on to
-calibrate on one random batch, run one forward and backward pass, and checks that the output and
-the gradients are finite and that every quantized layer actually ran.
+:func:`explain` only prepares the model and reports per layer. :func:`doctor` goes on to set
+BatchNorm statistics and calibrate on one random batch, run one forward and backward pass (and an
+eval-mode forward), and checks that outputs and gradients are finite and that every quantized
+layer actually ran.
 """
 
 from __future__ import annotations
@@ -18,14 +19,15 @@ from torch import nn
 from mecqtk.errors import GraphError
 from mecqtk.graph.pipeline import prepare
 from mecqtk.graph.report import QuantReport, quant_report
-from mecqtk.quant.calibrate import calibrate
+from mecqtk.quant.calibrate import calibrate, calibrate_weights
 from mecqtk.quant.modules import QuantizedLayer
+from mecqtk.quant.quantizers import FakeQuantizer, Mode
 from mecqtk.recipe import Recipe, load_recipe
 
 DEFAULT_RECIPE = "w4a4_lsq.yaml"
-# Step sizes for the check come from min-max: seconds faster than MSE on big models, and the
-# check is about the graph running, not about accuracy.
-CHECK_OBSERVER = "minmax"
+# Weight step sizes for the check come from min-max: per-channel MSE on millions of weights
+# takes most of a minute on a CPU. Activations use the recipe's own observers, as training does.
+CHECK_WEIGHT_OBSERVER = "minmax"
 
 
 def build_model(name: str) -> nn.Module:
@@ -128,6 +130,38 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
 
 
+@torch.no_grad()
+def _settle_batchnorm(qmodel: nn.Module, x: torch.Tensor) -> None:
+    """Set BN running statistics from ``x``: weights quantized (calibrated first), activations
+    float, one forward in train mode with a cumulative average.
+
+    A randomly initialised model has running mean 0 and variance 1 everywhere, so eval-mode
+    calibration would see activations at a scale training never produces and pick steps that
+    round everything to zero. A trained checkpoint's statistics match its data; this mimics that.
+    """
+    calibrate_weights(qmodel, CHECK_WEIGHT_OBSERVER)
+    norms = [m for m in qmodel.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             and m.track_running_stats]
+    weights = {id(m.weight_quantizer) for m in qmodel.modules() if isinstance(m, QuantizedLayer)}
+    quantizers = [m for m in qmodel.modules()
+                  if isinstance(m, FakeQuantizer) and id(m) not in weights]
+    saved = [(m, m.momentum) for m in norms]
+    modes = [(q, q.mode) for q in quantizers]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None
+    for quantizer in quantizers:
+        quantizer.mode = Mode.BYPASS
+    qmodel.train()
+    try:
+        qmodel(x)
+    finally:
+        for norm, momentum in saved:
+            norm.momentum = momentum
+        for quantizer, mode in modes:
+            quantizer.mode = mode
+
+
 def _run_once(qmodel: nn.Module, x: torch.Tensor) -> tuple[bool, bool, tuple[str, ...], str | None]:
     """Calibrate on ``x``, one forward + backward in train mode, one forward in eval mode;
     (forward_ok, backward_ok, quantized layers that never ran, error)."""
@@ -135,7 +169,8 @@ def _run_once(qmodel: nn.Module, x: torch.Tensor) -> tuple[bool, bool, tuple[str
     hooks = [m.register_forward_hook(lambda mod, *_, name=n: ran.add(name))
              for n, m in qmodel.named_modules() if isinstance(m, QuantizedLayer)]
     try:
-        calibrate(qmodel, [x], observer=CHECK_OBSERVER)
+        _settle_batchnorm(qmodel, x)
+        calibrate(qmodel, [x], weight_observer=CHECK_WEIGHT_OBSERVER)
         qmodel.train()
         out = qmodel(x)
         outputs = out if isinstance(out, tuple | list) else (out,)

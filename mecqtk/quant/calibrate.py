@@ -27,19 +27,22 @@ def calibrate_weights(model: nn.Module, observer: str | None = None) -> None:
 
 @torch.no_grad()
 def calibrate(
-    model: nn.Module, batches: Iterable[torch.Tensor], observer: str | None = None
+    model: nn.Module,
+    batches: Iterable[torch.Tensor],
+    observer: str | None = None,
+    weight_observer: str | None = None,
 ) -> int:
     """Initialise all step sizes: weights from themselves, activations from ``batches``.
 
     Activation quantizers observe float activations (they pass values through while observing)
     computed with already-quantized weights. The model runs in eval mode so BatchNorm statistics
-    are not disturbed. ``observer`` overrides every quantizer's own observer. Returns the
-    number of batches seen.
+    are not disturbed. ``observer`` overrides every quantizer's own observer, ``weight_observer``
+    (default: ``observer``) that of the weight quantizers. Returns the number of batches seen.
 
     Example:
         >>> calibrate(qmodel, (images for images, _ in itertools.islice(loader, 4)))
     """
-    calibrate_weights(model, observer)
+    calibrate_weights(model, weight_observer or observer)
     weight_quantizers = {id(m.weight_quantizer) for m in model.modules()
                          if isinstance(m, QuantizedLayer)}
     activation = [m for m in model.modules()
