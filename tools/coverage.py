@@ -65,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
             notes = []
             if result.auto_leaves:
                 notes.append("kept whole: " + ", ".join(result.auto_leaves))
-            if result.layers_float:
-                notes.append("float: " + ", ".join(f["name"] for f in result.layers_float[:3]))
+            if result.float_layers:
+                notes.append("float: " + ", ".join(f["name"] for f in result.float_layers[:3]))
             if result.not_run:
                 notes.append("not run: " + ", ".join(result.not_run[:3]))
             if result.error:

@@ -95,7 +95,7 @@ class DoctorResult:
         return self.report.layers_quantized if self.report else 0
 
     @property
-    def layers_float(self) -> list[dict[str, str]]:
+    def float_layers(self) -> list[dict[str, str]]:
         if not self.report:
             return []
         return [{"name": r.name, "reason": r.float_reason or ""} for r in self.report.layers_float]
@@ -103,7 +103,7 @@ class DoctorResult:
     @property
     def ok(self) -> bool:
         """Traced, ran forward and backward with finite values, every layer quantized and run."""
-        return (self.traced and self.forward_ok and self.backward_ok and not self.layers_float
+        return (self.traced and self.forward_ok and self.backward_ok and not self.float_layers
                 and not self.not_run)
 
     def as_json(self) -> dict[str, Any]:
@@ -112,7 +112,8 @@ class DoctorResult:
             "ok": self.ok, "traced": self.traced, "needed_leaves": bool(self.auto_leaves),
             "auto_leaves": list(self.auto_leaves), "forward_ok": self.forward_ok,
             "backward_ok": self.backward_ok, "layers_total": self.layers_total,
-            "layers_quantized": self.layers_quantized, "layers_float": self.layers_float,
+            "layers_quantized": self.layers_quantized, "layers_float": len(self.float_layers),
+            "float_layers": self.float_layers,
             "layers_not_run": list(self.not_run), "quantized_ops": self.ops,
             "error": self.error, "seconds": round(self.seconds, 2),
         }

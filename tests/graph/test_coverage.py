@@ -35,7 +35,7 @@ def test_model_is_fully_quantized_and_runs(name, recipe):
     assert result.forward_ok and result.backward_ok
     assert result.report is not None
     assert {r.name for r in result.report.layers} == set(layers)  # every layer has a row
-    assert result.layers_float == []
+    assert result.float_layers == []
     assert result.layers_quantized == len(layers) > 0
     assert result.not_run == ()
     assert result.ok

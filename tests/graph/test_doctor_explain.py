@@ -19,7 +19,8 @@ def test_doctor_json_last_line_reports_a_healthy_model():
     report = json.loads(result.output.strip().splitlines()[-1])
     assert report["traced"] and report["forward_ok"] and report["backward_ok"] and report["ok"]
     assert report["layers_total"] == 21 and report["layers_quantized"] == 21
-    assert report["layers_float"] == [] and report["layers_not_run"] == []
+    assert report["layers_float"] == 0 and report["float_layers"] == []
+    assert report["layers_not_run"] == []
     assert report["needed_leaves"] is False and report["input_size"] == [3, 32, 32]
     assert report["quantized_ops"] == {"pool": 2, "add": 8}
 
