@@ -3,11 +3,26 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import click
 
 from mecqtk.cli.render import render_summary
+
+
+def without_nproc(argv: list[str]) -> list[str]:
+    """The command line minus its ``--nproc N`` (torchrun starts the processes instead)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
 
 
 @click.command("quantize")
@@ -29,9 +44,15 @@ from mecqtk.cli.render import render_summary
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
               help="Data-loading worker processes.")
 @click.option("--force", is_flag=True, help="Replace a run already in --out.")
+@click.option("--resume", is_flag=True,
+              help="Continue the interrupted run in --out from its last checkpoint.")
+@click.option("--nproc", type=click.IntRange(min=1), default=None,
+              help="Train on N processes (DistributedDataParallel through torchrun).")
+@click.option("--no-progress", is_flag=True, help="No progress bars (logs stay line by line).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON line.")
 def quantize_command(model, recipe, data, checkpoint, pretrained, out, epochs, limit_train,
-                     limit_val, device, workers, force, as_json) -> None:
+                     limit_val, device, workers, force, resume, nproc, no_progress,
+                     as_json) -> None:
     """Quantize MODEL as RECIPE says, train it on DATA, and write a run folder.
 
     \b
@@ -42,13 +63,17 @@ def quantize_command(model, recipe, data, checkpoint, pretrained, out, epochs, l
           --epochs 1 --out runs/r20_w4a4
     """
     from mecqtk.run import QuantizeOptions, quantize
+    from mecqtk.train.distributed import launched_by_torchrun, torchrun_command
 
+    if nproc is not None and nproc > 1 and not launched_by_torchrun():
+        sys.exit(subprocess.call(torchrun_command(nproc, without_nproc(sys.argv[1:]))))
     if out is None:
         out = Path("runs") / f"{model}_{Path(recipe).stem}"
     summary = quantize(QuantizeOptions(
         model=model, recipe=recipe, data=data, out=out, checkpoint=checkpoint,
         pretrained=pretrained, epochs=epochs, limit_train=limit_train, limit_val=limit_val,
-        device=device, force=force, workers=workers,
+        device=device, force=force, resume=resume, workers=workers,
+        show_progress=not no_progress,
     ))
     if as_json:
         click.echo(json.dumps(summary.as_json()))

@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.datasets.folder import default_loader
 
-from mecqtk.data.augment import normalize, random_crop_flip
+from mecqtk.data.augment import crop_flip, crop_flip_params, normalize
 from mecqtk.data.memory import ImageStore
 from mecqtk.errors import DataError
 
@@ -114,18 +114,24 @@ class MemoryLoader:
     def _batches(self, epoch: int, images: torch.Tensor) -> Iterator[Batch]:
         if self._sampler is None:
             order = torch.arange(self.num_samples)
-            generator = None
+            params = None
         else:
             self._sampler.set_epoch(epoch)
             order = torch.tensor(list(self._sampler), dtype=torch.int64)
-            generator = torch.Generator().manual_seed(
-                _mix_seed(self.seed, epoch, self._sampler.rank)
-            )
+            # Augmentation is drawn per position of the epoch's global order (the order one
+            # process would use) and each rank takes its own positions, so N processes with
+            # the global batch augment every image exactly as one process does.
+            generator = torch.Generator().manual_seed(_mix_seed(self.seed, epoch))
+            sampler = self._sampler
+            top, left, flip = crop_flip_params(sampler.total_size, generator)
+            positions = torch.arange(sampler.rank, sampler.total_size, sampler.num_replicas)
+            params = (top[positions], left[positions], flip[positions])
         for batch_idx in range(len(self)):
-            picked = order[batch_idx * self.batch_size : (batch_idx + 1) * self.batch_size]
+            window = slice(batch_idx * self.batch_size, (batch_idx + 1) * self.batch_size)
+            picked = order[window]
             batch = images[picked]
-            if generator is not None:
-                batch = random_crop_flip(batch, generator)
+            if params is not None:
+                batch = crop_flip(batch, tuple(p[window] for p in params))
             yield normalize(batch, self.mean, self.std), self.labels[picked]
 
 

@@ -43,7 +43,7 @@ def spec_from(config: QuantizerConfig, nonnegative: bool, *, weight: bool = Fals
         signed = not nonnegative
     return QuantSpec(bits=config.bits, signed=signed, quantizer=config.quantizer,
                      granularity=config.granularity if weight else "per_tensor",
-                     observer=config.observer)
+                     observer=config.observer, learn_step=config.learn_step)
 
 
 def op_name(node: fx.Node) -> str:

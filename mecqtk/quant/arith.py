@@ -83,6 +83,8 @@ def use_compiled_kernels(enabled: bool = True) -> bool:
     if not enabled:
         _kernels.update(forward=_forward_kernel, backward=_backward_kernel)
         return False
+    # one compiled variant per (rank, granularity, zero point, needed gradients): about a dozen
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     try:
         forward = torch.compile(_forward_kernel, dynamic=True)
         backward = torch.compile(_backward_kernel, dynamic=True)
@@ -100,7 +102,11 @@ def use_compiled_kernels(enabled: bool = True) -> bool:
 class _FakeQuantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax, grad_scale):
-        out, scaled = _kernels["forward"](x, scale, zero_point, qmin, qmax)
+        # detach: parameters would make the compiled kernel specialise on every weight shape
+        out, scaled = _kernels["forward"](
+            x.detach(), scale.detach(), None if zero_point is None else zero_point.detach(),
+            qmin, qmax,
+        )
         ctx.save_for_backward(scaled, scale, zero_point)
         ctx.bounds = (qmin, qmax, grad_scale)
         return out

@@ -38,7 +38,8 @@ class FakeQuantizer(nn.Module):
         self.qmin, self.qmax = integer_range(spec.bits, spec.signed)
         self.per_channel = spec.granularity == "per_channel"
         self.axis = axis if self.per_channel else None
-        self.scale = nn.Parameter(torch.ones(channels if self.per_channel else 1))
+        self.scale = nn.Parameter(torch.ones(channels if self.per_channel else 1),
+                                  requires_grad=spec.learn_step)
         self.register_buffer("initialized", torch.tensor(False))
         self.mode = Mode.QUANTIZE
         self.observer: Observer | None = None
@@ -59,8 +60,14 @@ class FakeQuantizer(nn.Module):
         return None
 
     def grad_scale(self, x: torch.Tensor) -> float:
-        per_step = x.numel() // self.scale.numel() if self.per_channel else x[0].numel()
-        return lsq_grad_scale(per_step, self.qmax)
+        # LSQ's N: all weights of the layer (N_W, also for per-channel steps) or the features of
+        # one sample (N_F) for activations.
+        return lsq_grad_scale(x.numel() if self.per_channel else x[0].numel(), self.qmax)
+
+    def step_size(self) -> torch.Tensor:
+        """The step size in use: the learned one, kept positive (the gradient passes unchanged)."""
+        floor = self.scale.detach().clamp_min(MIN_STEP) - self.scale.detach()
+        return self.scale + floor
 
     def start_observing(self, observer: str | None = None) -> None:
         """Pass values through and collect them; ``observer`` overrides the spec's."""
@@ -94,10 +101,14 @@ class FakeQuantizer(nn.Module):
             return x
         if self.mode is Mode.BYPASS:
             return x
+        if x.dtype != torch.float32 and x.is_floating_point():
+            # under AMP the grid is still computed exactly in float32, as ONNX does
+            with torch.autocast(x.device.type, enabled=False):
+                return self(x.float())
         zero_point = self.zero_point()
         return fake_quantize(
             x,
-            self.broadcast(self.scale, x),
+            self.broadcast(self.step_size(), x),
             self.qmin,
             self.qmax,
             zero_point=None if zero_point is None else self.broadcast(zero_point, x),
@@ -107,7 +118,7 @@ class FakeQuantizer(nn.Module):
     @torch.no_grad()
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """Integer codes of ``x`` (int32), exactly as ONNX QuantizeLinear produces them."""
-        scaled = torch.round(x / self.broadcast(self.scale, x))
+        scaled = torch.round(x / self.broadcast(self.step_size(), x))
         zero_point = self.zero_point()
         if zero_point is not None:
             scaled = scaled + self.broadcast(zero_point, x)
@@ -136,7 +147,7 @@ class LSQPlusQuantizer(FakeQuantizer):
 
     def __init__(self, spec: QuantSpec, channels: int = 1, axis: int = 0) -> None:
         super().__init__(spec, channels=channels, axis=axis)
-        self.offset = nn.Parameter(torch.zeros_like(self.scale))
+        self.offset = nn.Parameter(torch.zeros_like(self.scale), requires_grad=spec.learn_step)
 
     def zero_point(self) -> torch.Tensor:
         bounded = self.offset.clamp(self.qmin, self.qmax)
@@ -165,7 +176,7 @@ class PACTQuantizer(FakeQuantizer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode is not Mode.QUANTIZE:
             return super().forward(x)
-        scale = self.broadcast(self.scale, x)
+        scale = self.broadcast(self.step_size(), x)
         out = fake_quantize(x, scale.detach(), self.qmin, self.qmax)
         with torch.no_grad():
             scaled = x / scale

@@ -17,6 +17,7 @@ class QuantSpec:
     quantizer: str = "lsq"
     granularity: Literal["per_tensor", "per_channel"] = "per_tensor"
     observer: str = "mse"
+    learn_step: bool = True
 
     @property
     def qrange(self) -> tuple[int, int]:

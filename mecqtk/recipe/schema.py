@@ -48,6 +48,9 @@ class QuantizerConfig:
         "mse", choices=_observer_names, doc="how the step size is initialised by calibration"
     )
     signed: Signedness = "auto"
+    learn_step: bool = constrained(
+        True, doc="train the step size (LSQ); false keeps the calibrated one"
+    )
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,7 @@ class QuantizerOverride:
     granularity: Granularity | None = None
     observer: str | None = constrained(None, choices=_observer_names)
     signed: Signedness | None = None
+    learn_step: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -87,7 +91,9 @@ class LayerRule:
 
 
 def _default_rules() -> tuple[LayerRule, ...]:
-    eight_bits = QuantizerOverride(bits=8)
+    # 8-bit steps are calibrated, not learned: an 8-bit step is ~30x finer than a 2-bit one, so
+    # a learning rate that suits 2-bit steps moves it by more than its own size in a few steps.
+    eight_bits = QuantizerOverride(bits=8, learn_step=False)
     return (
         LayerRule(match=LayerMatch(position="first"), weight=eight_bits, activation=eight_bits),
         LayerRule(match=LayerMatch(position="last"), weight=eight_bits, activation=eight_bits),
@@ -116,10 +122,15 @@ class ResidualConfig:
     observer: str = constrained(
         "mse", choices=_observer_names, doc="how the step size is initialised by calibration"
     )
+    learn_step: bool = constrained(
+        False, doc="train junction steps; by default 8-bit steps stay calibrated, like the "
+        "first/last layers' (a learning rate for 2-bit steps is far too large for them)"
+    )
 
     def as_quantizer(self) -> QuantizerConfig:
         return QuantizerConfig(bits=self.bits, quantizer=self.quantizer,
-                               granularity="per_tensor", observer=self.observer, signed="auto")
+                               granularity="per_tensor", observer=self.observer, signed="auto",
+                               learn_step=self.learn_step)
 
 
 @dataclass(frozen=True)
@@ -210,6 +221,13 @@ class TrainConfig:
     seed: int = constrained(0, ge=0)
     fused_quantizers: bool = constrained(
         True, doc="run fake-quant arithmetic through torch.compile (bit-identical, much faster)"
+    )
+    compile_model: bool = constrained(False, doc="torch.compile the whole student model")
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    channels_last: bool = False
+    sync_bn: bool = constrained(False, doc="SyncBatchNorm across processes under torchrun")
+    checkpoint_every_steps: int | None = constrained(
+        None, ge=1, doc="also checkpoint every N optimizer steps (epoch ends always are)"
     )
 
 

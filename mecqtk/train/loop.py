@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,8 @@ from mecqtk.errors import MecqtkError
 # step and return named scalar tensors that are added to the task loss ("log_*" are only logged).
 LossTerm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], dict[str, torch.Tensor]]
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 class NonFiniteLossError(MecqtkError):
     """The loss became NaN or inf."""
@@ -23,10 +26,56 @@ class NonFiniteLossError(MecqtkError):
 
 @dataclass
 class EpochStats:
-    loss: float
-    top1: float
-    steps: int
-    terms: dict[str, float]
+    """Running sums of one epoch; kept in mid-epoch checkpoints so a resumed epoch reports the
+    same numbers as an uninterrupted one."""
+
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    steps: int = 0
+    term_sums: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.seen, 1)
+
+    @property
+    def top1(self) -> float:
+        return 100.0 * self.correct / max(self.seen, 1)
+
+    @property
+    def terms(self) -> dict[str, float]:
+        return {k: v / max(self.seen, 1) for k, v in self.term_sums.items()}
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainStep:
+    """Everything one optimizer step needs besides the batch."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    device: torch.device
+    amp: str = "none"
+    scaler: torch.amp.GradScaler | None = None
+    label_smoothing: float = 0.0
+    grad_clip: float | None = None
+    channels_last: bool = False
+    extra_terms: list[LossTerm] = field(default_factory=list)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp == "none":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=AMP_DTYPES[self.amp])
+
+    def to_device(self, images: torch.Tensor, labels: torch.Tensor):
+        images = images.to(self.device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, labels.to(self.device, non_blocking=True)
 
 
 @torch.no_grad()
@@ -39,7 +88,7 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device,
     loss_sum = 0.0
     for images, labels in loader:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        logits = model(images)
+        logits = model(images).float()
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
         correct += (logits.argmax(dim=1) == labels).sum().item()
         total += labels.numel()
@@ -52,57 +101,68 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device,
 
 
 def train_one_epoch(
-    model: nn.Module,
+    step_config: TrainStep,
     loader: Iterable,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    device: torch.device,
     *,
     epoch: int,
-    start_step: int = 0,
-    label_smoothing: float = 0.0,
-    grad_clip: float | None = None,
-    extra_terms: list[LossTerm] = (),
-    progress: Callable[[int], None] | None = None,
+    start_step: int,
+    stats: EpochStats | None = None,
+    skip_batches: int = 0,
+    after_step: Callable[[int, EpochStats], None] | None = None,
+    progress: Callable[..., None] | None = None,
 ) -> EpochStats:
-    """Train for one pass over ``loader``; raise NonFiniteLossError naming the step on NaN/inf."""
-    model.train()
-    loss_sum = correct = seen = steps = 0
-    term_sums: dict[str, float] = {}
-    for step, (images, labels) in enumerate(loader):
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        logits = model(images)
-        task = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
-        terms = {"ce": task}
-        for term in extra_terms:
-            terms.update(term(images, labels, logits, start_step + step))
+    """Train one pass over ``loader``; raise NonFiniteLossError naming the step on NaN/inf.
+
+    ``skip_batches`` batches are drawn and dropped first (resuming mid-epoch: the loader then
+    continues with exactly the batches an uninterrupted run would see); ``stats`` carries their
+    running sums. ``after_step(global_step, stats)`` runs after every optimizer step.
+    """
+    s = step_config
+    s.model.train()
+    stats = stats or EpochStats()
+    for index, (images, labels) in enumerate(loader):
+        if index < skip_batches:
+            continue
+        step = start_step + index
+        images, labels = s.to_device(images, labels)
+        with s.autocast():
+            logits = s.model(images)
+            task = F.cross_entropy(logits.float(), labels, label_smoothing=s.label_smoothing)
+            terms = {"ce": task}
+            for term in s.extra_terms:
+                terms.update(term(images, labels, logits, step))
         loss = sum(v for k, v in terms.items() if not k.startswith("log_"))
         loss_value = loss.item()
         if not math.isfinite(loss_value):
             raise NonFiniteLossError(
-                f"loss is {loss_value} at epoch {epoch} step {step}; lower the learning rate "
-                "(train.optimizer.lr) or raise the bits; the last good checkpoint is kept"
+                f"loss is {loss_value} at step {step} (epoch {epoch + 1}); training stopped and the "
+                "last good checkpoint is kept; lower train.optimizer.lr or raise the bits"
             )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
-        scheduler.step()
+        s.optimizer.zero_grad(set_to_none=True)
+        if s.scaler is not None:
+            s.scaler.scale(loss).backward()
+            s.scaler.unscale_(s.optimizer)
+        else:
+            loss.backward()
+        if s.grad_clip is not None:
+            nn.utils.clip_grad_norm_(s.model.parameters(), s.grad_clip)
+        if s.scaler is not None:
+            s.scaler.step(s.optimizer)
+            s.scaler.update()
+        else:
+            s.optimizer.step()
+        s.scheduler.step()
         batch = labels.numel()
-        loss_sum += loss_value * batch
-        correct += (logits.argmax(dim=1) == labels).sum().item()
-        seen += batch
-        steps += 1
+        stats.loss_sum += loss_value * batch
+        stats.correct += int((logits.argmax(dim=1) == labels).sum().item())
+        stats.seen += batch
+        stats.steps += 1
         for key, value in terms.items():
-            term_sums[key] = term_sums.get(key, 0.0) + value.item() * batch
+            stats.term_sums[key] = stats.term_sums.get(key, 0.0) + float(value.detach()) * batch
+        if after_step is not None:
+            after_step(step + 1, stats)
         if progress is not None:
-            progress(1)
-    if seen == 0:
+            progress(1, loss=loss_value)
+    if stats.seen == 0:
         raise MecqtkError("training data is empty")
-    return EpochStats(
-        loss=loss_sum / seen,
-        top1=100.0 * correct / seen,
-        steps=steps,
-        terms={k: v / seen for k, v in term_sums.items()},
-    )
+    return stats

@@ -73,6 +73,8 @@ def test_insert_wires_quantizers_into_add_and_cat_operands():
     out = qmodel(torch.randn(2, 4, 8, 8))
     out.sum().backward()
     assert torch.isfinite(out).all()
+    # 8-bit junction steps are calibrated, not learned (quant.residual.learn_step: false)
+    assert not modules[graph["add"].users.__iter__().__next__().target].scale.requires_grad
 
 
 def test_residual_section_can_disable_ops_and_rules_can_skip():

@@ -1,0 +1,117 @@
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mecqtk import calibrate, prepare
+from mecqtk.mec import grouped_mec_loss, mec_loss
+from mecqtk.models import create_model
+from mecqtk.quant import FakeQuantizer
+from mecqtk.recipe import DistillConfig, MECConfig, load_recipe
+from mecqtk.train.taps import attach_tap, classifier_input
+from mecqtk.train.teacher import Teacher
+from mecqtk.train.terms import DistillTerm, MECTerm, second_view
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    model = create_model("cifar_resnet20", num_classes=10).eval()
+    qmodel = prepare(model, load_recipe("w4a4_lsq"))
+    images = torch.randn(16, 3, 32, 32)
+    calibrate(qmodel, [images])
+    return model, qmodel, images
+
+
+def test_tap_keeps_outputs_and_captures_pooled_quantized_features(setup):
+    _, qmodel, images = setup
+    gm = prepare(create_model("cifar_resnet20", num_classes=10), load_recipe("w4a4_lsq"))
+    gm.load_state_dict(qmodel.state_dict())
+    before = gm(images)
+    node = classifier_input(gm)
+    assert node.name.startswith("aq_")  # the classifier's input quantizer: quantized features
+    tap = attach_tap(gm, node)
+    assert torch.equal(gm(images), before)
+    assert tap.value.shape == (16, 64)
+    step = gm.get_submodule(node.target).step_size().item()
+    codes = tap.value / step
+    assert torch.allclose(codes, codes.round(), atol=1e-4)
+
+
+@pytest.mark.parametrize(("experts", "form"), [(1, "mixture"), (4, "grouped"), (4, "mixture")])
+def test_mec_term_against_the_library_loss(setup, experts, form):
+    model, qmodel, images = setup
+    gm = prepare(model, load_recipe("w4a4_lsq"))
+    gm.load_state_dict(qmodel.state_dict())
+    teacher = Teacher(model)
+    config = MECConfig(enabled=True, weight=0.5, experts=experts, expert_form=form)
+    term = MECTerm(config, gm, gm, teacher, steps_per_epoch=10, probe=images[:4])
+    gm.train()
+    logits = gm(images)
+    out = term(images, torch.zeros(16, dtype=torch.long), logits, step=5)
+    z1 = term.student_tap.value
+    z2 = term.teacher_tap.value
+    assert z1.shape == z2.shape == (16, 64)
+    if experts == 1:
+        expected = mec_loss(z1, z2.detach(), eps2=64.0, order=4)
+        assert torch.allclose(out["log_mec_loss"], expected)
+    elif form == "grouped":
+        expected = grouped_mec_loss(z1, z2.detach(), eps2=64.0, groups=4, order=4)
+        assert torch.allclose(out["log_mec_loss"], expected)
+    else:
+        assert len(list(term.trainable.parameters())) > 0  # the gate trains
+    assert torch.allclose(out["mec"], 0.5 * out["log_mec_loss"])
+    out["mec"].backward()
+    grads = [q.scale.grad for q in gm.modules() if isinstance(q, FakeQuantizer)
+             and q.scale.requires_grad]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    assert all(p.grad is None for p in teacher.graph.parameters())
+
+
+def test_mec_weight_warms_up(setup):
+    model, qmodel, images = setup
+    gm = prepare(model, load_recipe("w4a4_lsq"))
+    gm.load_state_dict(qmodel.state_dict())
+    config = MECConfig(enabled=True, view="self", weight=1.0, weight_warmup_epochs=1.0)
+    term = MECTerm(config, gm, gm, None, steps_per_epoch=10, probe=images[:4])
+    logits = gm(images)
+    at_zero = term(images, None, logits, step=0)
+    assert at_zero["mec"].item() == 0.0
+    halfway = term(images, None, logits, step=5)
+    assert torch.allclose(halfway["mec"], 0.5 * halfway["log_mec_loss"])
+
+
+def test_distill_term_is_temperature_scaled_kl(setup):
+    model, qmodel, images = setup
+    teacher = Teacher(model)
+    term = DistillTerm(DistillConfig(enabled=True, weight=2.0, temperature=3.0), teacher)
+    logits = qmodel(images)
+    out = term(images, None, logits, step=0)
+    with torch.no_grad():
+        t = model(images)
+    p = F.softmax(t / 3, dim=1)
+    expected = 2.0 * 9.0 * (p * (p.log() - F.log_softmax(logits / 3, dim=1))).sum(1).mean()
+    assert torch.allclose(out["kd"], expected, rtol=1e-4)
+
+
+def test_second_view_is_a_shifted_flipped_copy():
+    images = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
+    view = second_view(images, torch.Generator().manual_seed(0), pad=2)
+    assert view.shape == images.shape
+    assert not torch.equal(view, images)
+
+
+def test_fake_quant_stays_exact_float32_under_bf16_autocast():
+    spec = dataclasses.replace(
+        prepare(create_model("cifar_resnet20", num_classes=10), load_recipe("w4a4_lsq"))
+        .get_submodule("aq_x").spec)
+    quantizer = FakeQuantizer(spec)
+    quantizer.scale.data.fill_(0.1)
+    x = torch.randn(64, 8).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = quantizer(x)
+    assert y.dtype == torch.float32
+    codes = y / 0.1
+    assert torch.allclose(codes, codes.round(), atol=1e-4)
+    assert torch.equal(y, quantizer(x.float()))
