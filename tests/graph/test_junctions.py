@@ -74,7 +74,7 @@ def test_insert_wires_quantizers_into_add_and_cat_operands():
     out.sum().backward()
     assert torch.isfinite(out).all()
     # 8-bit junction steps are calibrated, not learned (quant.residual.learn_step: false)
-    assert not modules[graph["add"].users.__iter__().__next__().target].scale.requires_grad
+    assert not modules[next(iter(graph["add"].users)).target].scale.requires_grad
 
 
 def test_residual_section_can_disable_ops_and_rules_can_skip():
