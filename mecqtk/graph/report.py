@@ -112,6 +112,8 @@ def _annotated_rows(qmodel: fx.GraphModule, originals: dict[str, nn.Module]) -> 
                       if quant.kind in LAYER_KINDS else quant.kind)
                 if quant.weight_input is not None:
                     op += " (functional)"
+                if quant.bn is not None:
+                    op += " + folded BN"
                 rows.append(_row(name, quant, op))
             elif node.op == "call_module" and not node.target.startswith(QUANTIZER_PREFIXES):
                 leaf_rows(gm, gm.get_submodule(node.target), str(node.target), prefix, eager)

@@ -9,7 +9,7 @@ import timm
 import torch
 from torch import nn
 
-from mecqtk.graph import annotated_nodes, prepare
+from mecqtk.graph import annotated_nodes, prepare, quant_report
 from mecqtk.quant.bn_fold import FoldedBNLayer, bn_epoch_start, freeze_bn_stats
 from mecqtk.quant.calibrate import calibrate
 from mecqtk.quant.quantizers import Mode, make_quantizer
@@ -93,6 +93,8 @@ def test_resnet18_folded_trains_from_timm_init_without_nan():
     qmodel = prepare(model, recipe)
     assert sum(isinstance(m, FoldedBNLayer) for m in qmodel.modules()) == 20
     assert all(q.bn for _, q in annotated_nodes(qmodel) if q.kind == "conv")
+    rows = quant_report(model, qmodel).layers
+    assert sum(r.op.endswith("+ folded BN") for r in rows) == 20 and len(rows) == 21
     assert not any(isinstance(m, nn.BatchNorm2d) and not isinstance(p, FoldedBNLayer)
                    for p in qmodel.modules() for m in p.children())
     torch.manual_seed(0)
