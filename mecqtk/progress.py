@@ -19,7 +19,9 @@ console = Console(stderr=True)
 
 
 @contextmanager
-def progress_bar(description: str, total: int, enabled: bool = True) -> Iterator[Callable[..., None]]:
+def progress_bar(
+    description: str, total: int, enabled: bool = True
+) -> Iterator[Callable[..., None]]:
     """Yield ``advance(n=1, **fields)``; ``fields`` (e.g. loss=0.3) are shown beside the bar."""
     if not enabled:
         yield lambda n=1, **fields: None

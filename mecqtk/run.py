@@ -69,6 +69,9 @@ class QuantizeOptions:
     resume: bool = False
     workers: int = 0
     show_progress: bool = True
+    report: bool = True
+    report_images: int = 500
+    export: bool = True
 
 
 @dataclass
@@ -361,6 +364,8 @@ class _Run:
                     start_step=epoch_start_step, stats=self.epoch_stats, skip_batches=done,
                     after_step=after_step, progress=advance,
                 )
+            if epoch == epochs - 1:
+                self.snap_biases()
             self.epoch_stats = None
             stats = self.global_stats(stats)
             self.quant_top1 = self.evaluate_main(self.qmodel, "eval quantized")
@@ -376,8 +381,20 @@ class _Run:
                 append_jsonl(self.run_dir.metrics, record)
             self.say(f"epoch {epoch + 1}: train loss {stats.loss:.4f}  "
                      f"quantized top-1 {self.quant_top1:.2f} %")
-        if epochs == 0 and not self.run_dir.checkpoint.exists():
+        if epochs == 0:
+            if self.snap_biases():
+                self.quant_top1 = self.evaluate_main(self.qmodel, "eval quantized")
             self.save(0, 0, None)
+
+    def snap_biases(self) -> int:
+        """Put biases on the int32 grid the integer export uses (a change below half a step),
+        so the trained model and its ONNX file compute the same thing."""
+        from mecqtk.export import snap_biases
+
+        was_training = self.qmodel.training
+        changed = snap_biases(self.qmodel.eval())
+        self.qmodel.train(was_training)
+        return changed
 
     def global_stats(self, stats: EpochStats) -> EpochStats:
         """The epoch's sums over every rank's shard (the same numbers one process would log)."""
@@ -400,5 +417,35 @@ class _Run:
             history=self.history,
         )
         if self.context.is_main:
-            self.run_dir.write_summary(summary.as_json())
+            extra: dict[str, Any] = {}
+            if self.options.export:
+                extra = self.export_and_verify()
+            self.run_dir.write_summary({**summary.as_json(), **extra})
+            if self.options.report:
+                self.write_report()
         return summary
+
+    def export_and_verify(self) -> dict[str, Any]:
+        from mecqtk.export import export_and_verify
+
+        self.say("exporting integer ONNX and verifying it with onnxruntime")
+        exported, report = export_and_verify(
+            self.run_dir.path, self.options.data, n=self.options.limit_val,
+            show_progress=self.show,
+        )
+        verdict = "passed" if report.passed else "FAILED"
+        self.say(f"ONNX {exported.model_path}: top-1 agreement {report.top1_agreement_pct:.2f} % "
+                 f"({verdict}), onnx top-1 {report.onnx_top1_pct:.2f} %, "
+                 f"max |dlogit| {report.max_abs_logit_diff:.3g}")
+        return {"onnx": str(exported.model_path),
+                "onnx_top1_agreement_pct": report.top1_agreement_pct,
+                "onnx_top1_pct": report.onnx_top1_pct, "verify_passed": report.passed}
+
+    def write_report(self) -> None:
+        from mecqtk.report import ReportOptions, write_report
+
+        self.say("writing the per-layer report (report.html, report.json)")
+        write_report(self.run_dir.path, options=ReportOptions(
+            data=self.options.data, n=self.options.report_images, device=str(self.device),
+            show_progress=self.show,
+        ))

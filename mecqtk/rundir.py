@@ -93,7 +93,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise ModelError(f"{path}: checkpoint not found") from None
     except Exception as err:
-        raise ModelError(f"{path}: corrupt or truncated checkpoint ({type(err).__name__})") from None
+        reason = type(err).__name__
+        raise ModelError(f"{path}: corrupt or truncated checkpoint ({reason})") from None
     if not isinstance(state, dict) or "state_dict" not in state:
         raise ModelError(f"{path}: not a mecqtk checkpoint (no state_dict)")
     return state

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
@@ -44,7 +43,8 @@ def _quantize(tmp_path: Path, *args: str, data: Path | None = None, recipe: Path
     data = data if data is not None else _folder(tmp_path / "data")
     recipe = recipe if recipe is not None else _recipe(tmp_path)
     argv = ["quantize", "--model", model, "--recipe", str(recipe), "--data",
-            f"imagefolder:{data}", "--out", str(tmp_path / "run"), "--no-progress", *args]
+            f"imagefolder:{data}", "--out", str(tmp_path / "run"), "--no-progress",
+            "--no-report", "--no-export", *args]
     return CliRunner().invoke(main, argv)
 
 

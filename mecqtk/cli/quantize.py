@@ -49,10 +49,13 @@ def without_nproc(argv: list[str]) -> list[str]:
 @click.option("--nproc", type=click.IntRange(min=1), default=None,
               help="Train on N processes (DistributedDataParallel through torchrun).")
 @click.option("--no-progress", is_flag=True, help="No progress bars (logs stay line by line).")
+@click.option("--no-report", is_flag=True, help="Skip the per-layer report at the end.")
+@click.option("--no-export", is_flag=True,
+              help="Skip the integer ONNX export and its onnxruntime check at the end.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON line.")
 def quantize_command(model, recipe, data, checkpoint, pretrained, out, epochs, limit_train,
                      limit_val, device, workers, force, resume, nproc, no_progress,
-                     as_json) -> None:
+                     no_report, no_export, as_json) -> None:
     """Quantize MODEL as RECIPE says, train it on DATA, and write a run folder.
 
     \b
@@ -73,7 +76,7 @@ def quantize_command(model, recipe, data, checkpoint, pretrained, out, epochs, l
         model=model, recipe=recipe, data=data, out=out, checkpoint=checkpoint,
         pretrained=pretrained, epochs=epochs, limit_train=limit_train, limit_val=limit_val,
         device=device, force=force, resume=resume, workers=workers,
-        show_progress=not no_progress,
+        show_progress=not no_progress, report=not no_report, export=not no_export,
     ))
     if as_json:
         click.echo(json.dumps(summary.as_json()))

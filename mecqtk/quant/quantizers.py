@@ -105,6 +105,8 @@ class FakeQuantizer(nn.Module):
             # under AMP the grid is still computed exactly in float32, as ONNX does
             with torch.autocast(x.device.type, enabled=False):
                 return self(x.float())
+        if self.training and not self.scale.requires_grad:
+            self.track_range(x)
         zero_point = self.zero_point()
         return fake_quantize(
             x,
@@ -114,6 +116,22 @@ class FakeQuantizer(nn.Module):
             zero_point=None if zero_point is None else self.broadcast(zero_point, x),
             grad_scale=self.grad_scale(x),
         )
+
+    @torch.no_grad()
+    def track_range(self, x: torch.Tensor) -> None:
+        """A step that is not learned follows the data while training (as 8-bit observers do in
+        other QAT tools): per-channel steps cover the current max of each channel, per-tensor
+        steps an exponential moving average of the batch max. A frozen calibration step would
+        clip features that grow during training (seen: 34 % of a classifier's inputs)."""
+        bound = max(-self.qmin, self.qmax)
+        if self.per_channel:
+            dims = [d for d in range(x.dim()) if d != self.axis]
+            self.scale.copy_((x.abs().amax(dim=dims) / bound).clamp_min(MIN_STEP))
+        else:
+            batch_step = (x.abs().max() / bound).clamp_min(MIN_STEP)
+            self.scale.mul_(1 - self.RANGE_MOMENTUM).add_(self.RANGE_MOMENTUM * batch_step)
+
+    RANGE_MOMENTUM = 0.01
 
     @torch.no_grad()
     def codes(self, x: torch.Tensor) -> torch.Tensor:
@@ -158,6 +176,19 @@ class LSQPlusQuantizer(FakeQuantizer):
         scale, zero_point = observer.compute_affine(self.qmin, self.qmax)
         self.scale.copy_(scale.to(self.scale))
         self.offset.copy_(zero_point.to(self.offset))
+
+    @torch.no_grad()
+    def track_range(self, x: torch.Tensor) -> None:
+        """A step that is not learned follows the data: an exponential moving average of the
+        batch's min and max moves the (asymmetric) range. The offset is kept unrounded (it is
+        rounded on use), so small moves accumulate instead of being rounded away."""
+        low = (self.qmin - self.offset) * self.scale
+        high = (self.qmax - self.offset) * self.scale
+        low = low.lerp(x.min().expand_as(low), self.RANGE_MOMENTUM).clamp(max=0.0)
+        high = high.lerp(x.max().expand_as(high), self.RANGE_MOMENTUM).clamp(min=0.0)
+        scale = ((high - low) / (self.qmax - self.qmin)).clamp_min(MIN_STEP)
+        self.scale.copy_(scale)
+        self.offset.copy_((self.qmin - low / scale).clamp(self.qmin, self.qmax))
 
 
 @register_quantizer("pact")

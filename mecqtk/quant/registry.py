@@ -1,4 +1,4 @@
-"""Quantizers and observers by name: what a recipe's ``quantizer:`` / ``observer:`` keys select."""
+"""Quantizers and observers by name: what recipe keys ``quantizer:`` and ``observer:`` select."""
 
 from __future__ import annotations
 

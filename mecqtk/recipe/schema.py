@@ -161,8 +161,7 @@ class QuantConfig:
     batchnorm: BatchNormConfig = field(default_factory=BatchNormConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     leaf_modules: tuple[str, ...] = constrained(
-        (),
-        doc="module class names the tracer keeps whole (their inner Conv/Linear still quantized)",
+        (), doc="class names the tracer keeps whole (their inner Conv/Linear stay quantized)"
     )
     auto_leaf: bool = constrained(
         True, doc="keep a submodule whole when tracing fails inside it, instead of stopping"

@@ -107,7 +107,7 @@ def _check_constraints(value: Any, field: dataclasses.Field, path: str) -> None:
     bounds = [("ge", ">=", lambda v, b: v >= b), ("gt", ">", lambda v, b: v > b),
               ("le", "<=", lambda v, b: v <= b), ("lt", "<", lambda v, b: v < b)]
     if isinstance(value, int | float) and not isinstance(value, bool):
-        for key, symbol, ok in bounds:
+        for key, _, ok in bounds:
             bound = meta.get(key)
             if bound is not None and not ok(value, bound):
                 allowed = _describe_range(meta)
@@ -128,7 +128,7 @@ def _describe_range(meta: Mapping[str, Any]) -> str:
 
 
 def from_data(cls: type[T], data: Any, path: str) -> T:
-    """Build dataclass ``cls`` from a YAML mapping, raising RecipeError naming ``path`` on any fault."""
+    """Build dataclass ``cls`` from YAML data; any fault raises RecipeError naming ``path``."""
     if data is None:
         data = {}
     if not isinstance(data, Mapping):

@@ -135,8 +135,8 @@ def train_one_epoch(
         loss_value = loss.item()
         if not math.isfinite(loss_value):
             raise NonFiniteLossError(
-                f"loss is {loss_value} at step {step} (epoch {epoch + 1}); training stopped and the "
-                "last good checkpoint is kept; lower train.optimizer.lr or raise the bits"
+                f"loss is {loss_value} at step {step} (epoch {epoch + 1}); training stopped "
+                "and the last good checkpoint is kept; lower train.optimizer.lr or raise the bits"
             )
         s.optimizer.zero_grad(set_to_none=True)
         if s.scaler is not None:

@@ -45,7 +45,9 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.Op
     return torch.optim.AdamW(groups, lr=config.lr)
 
 
-def lr_factor(config: ScheduleConfig, total_steps: int, steps_per_epoch: int) -> Callable[[int], float]:
+def lr_factor(
+    config: ScheduleConfig, total_steps: int, steps_per_epoch: int
+) -> Callable[[int], float]:
     """The multiplier of the base learning rate at each optimizer step."""
     warmup = round(config.warmup_epochs * steps_per_epoch)
     total = max(total_steps, 1)

@@ -44,7 +44,7 @@ def classifier_input(gm: fx.GraphModule) -> fx.Node:
     """
     layers = [n for n, q in annotated_nodes(gm) if q.kind in ("linear", "conv")]
     if not layers:
-        raise RecipeError("mec.tap: the model has no quantized layer to take 'pooled' features from")
+        raise RecipeError("mec.tap: no quantized layer to take 'pooled' features from")
     source = layers[-1].args[0]
     assert isinstance(source, fx.Node)
     return source

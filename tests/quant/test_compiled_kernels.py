@@ -27,7 +27,8 @@ def test_compiled_kernels_are_bit_identical_to_eager(compiled, case):
     if case == "per_channel":
         x, scale, zp, q = torch.randn(16, 8, 3, 3), torch.rand(16, 1, 1, 1) + 0.05, None, (-2, 1)
     elif case == "zero_point":
-        x, scale, zp, q = torch.randn(4, 8, 5, 5), torch.tensor(0.013), torch.tensor(100.0), (0, 255)
+        x, scale, zp = torch.randn(4, 8, 5, 5), torch.tensor(0.013), torch.tensor(100.0)
+        q = (0, 255)
     else:
         x, scale, zp, q = torch.randn(4, 8, 5, 5) * 3, torch.tensor(0.1), None, (0, 3)
     fast = _run(x, scale, zp, *q)

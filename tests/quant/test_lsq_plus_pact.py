@@ -99,3 +99,21 @@ def test_activation_only_quantizers_are_rejected_for_weights():
             {"match": {"op": ["conv"]}, "weight": {"quantizer": "lsq_plus"}}]}})
     recipe = recipe_from_dict({"quant": {"activation": {"quantizer": "lsq_plus"}}})
     assert recipe.quant.activation.quantizer == "lsq_plus"
+
+
+def test_lsq_plus_with_a_calibrated_step_tracks_the_range_with_an_integer_zero_point():
+    quantizer = make_quantizer(QuantSpec(bits=8, signed=False, quantizer="lsq_plus",
+                                         learn_step=False))
+    with torch.no_grad():
+        quantizer.scale.fill_(1.0 / 255)
+        quantizer.offset.fill_(0.0)  # range [0, 1]
+    x = torch.linspace(-1.0, 3.0, 1000)
+    quantizer.train()
+    for _ in range(400):
+        quantizer(x)
+    zero_point = quantizer.zero_point()
+    low = ((0 - zero_point) * quantizer.scale).item()
+    high = ((255 - zero_point) * quantizer.scale).item()
+    assert zero_point.item() == round(zero_point.item())
+    assert -1.05 < low < -0.9 and 2.9 < high < 3.05  # the EMA reached the data's range
+    assert not quantizer.scale.requires_grad and not quantizer.offset.requires_grad

@@ -31,7 +31,8 @@ def _run(shared_dir: Path, recipe: Path, out: Path, nproc: int) -> dict:
         "--model", "cifar_resnet20",
         "--checkpoint", str(shared_dir / "data/weights/cifar-resnet/resnet20-12fca82f.th"),
         "--recipe", str(recipe), "--data", f"imagefolder:{shared_dir / 'data/cifar10-jpeg'}",
-        "--limit-train", "320", "--limit-val", "100", "--out", str(out), "--no-progress",
+        "--limit-train", "320", "--limit-val", "100", "--out", str(out),
+        "--no-progress", "--no-report", "--no-export",
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)

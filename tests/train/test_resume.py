@@ -33,7 +33,8 @@ def _command(shared_dir: Path, recipe: Path, out: Path, *extra: str) -> list[str
         sys.executable, "-m", "mecqtk", "quantize", "--model", "cifar_resnet20",
         "--checkpoint", str(shared_dir / "data/weights/cifar-resnet/resnet20-12fca82f.th"),
         "--recipe", str(recipe), "--data", f"imagefolder:{shared_dir / 'data/cifar10-jpeg'}",
-        "--limit-train", "320", "--limit-val", "100", "--out", str(out), "--no-progress", *extra,
+        "--limit-train", "320", "--limit-val", "100", "--out", str(out),
+        "--no-progress", "--no-report", "--no-export", *extra,
     ]
 
 

@@ -28,6 +28,7 @@ def test_tap_keeps_outputs_and_captures_pooled_quantized_features(setup):
     _, qmodel, images = setup
     gm = prepare(create_model("cifar_resnet20", num_classes=10), load_recipe("w4a4_lsq"))
     gm.load_state_dict(qmodel.state_dict())
+    gm.eval()
     before = gm(images)
     node = classifier_input(gm)
     assert node.name.startswith("aq_")  # the classifier's input quantizer: quantized features
@@ -106,7 +107,7 @@ def test_fake_quant_stays_exact_float32_under_bf16_autocast():
     spec = dataclasses.replace(
         prepare(create_model("cifar_resnet20", num_classes=10), load_recipe("w4a4_lsq"))
         .get_submodule("aq_x").spec)
-    quantizer = FakeQuantizer(spec)
+    quantizer = FakeQuantizer(spec).eval()
     quantizer.scale.data.fill_(0.1)
     x = torch.randn(64, 8).to(torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -115,3 +116,23 @@ def test_fake_quant_stays_exact_float32_under_bf16_autocast():
     codes = y / 0.1
     assert torch.allclose(codes, codes.round(), atol=1e-4)
     assert torch.equal(y, quantizer(x.float()))
+
+
+def test_steps_that_are_not_learned_follow_the_data_in_training():
+    gm = prepare(create_model("cifar_resnet20", num_classes=10), load_recipe("w4a4_lsq"))
+    images = torch.randn(8, 3, 32, 32)
+    calibrate(gm, [images])
+    first = gm.get_submodule("conv1").weight_quantizer  # 8-bit, not learned
+    first_in = gm.get_submodule("aq_x")
+    assert not first.scale.requires_grad
+    with torch.no_grad():
+        gm.get_submodule("conv1").layer.weight.mul_(2.0)
+    before = first_in.scale.clone()
+    gm.eval()
+    gm(images * 3)
+    assert torch.equal(first_in.scale, before)  # eval: fixed
+    gm.train()
+    gm(images * 3)
+    weight = gm.get_submodule("conv1").layer.weight
+    assert torch.allclose(first.scale, weight.abs().amax(dim=(1, 2, 3)) / 128)
+    assert first_in.scale > before  # moving average towards the larger range

@@ -1,0 +1,29 @@
+"""Integer ONNX export of fake-quantized models, and its verification against onnxruntime."""
+
+from mecqtk.export.api import ExportResult, check_model, default_opset, export_model, save_export
+from mecqtk.export.lower import EXPORT_FORMATS, ExportFormat
+from mecqtk.export.manifest import Manifest, TensorEntry, read_manifest
+from mecqtk.export.runfolder import export_and_verify, export_run, verify_run
+from mecqtk.export.snap import bias_grids, snap_biases
+from mecqtk.export.verify import LayerAgreement, VerifyReport, compare
+
+__all__ = [
+    "EXPORT_FORMATS",
+    "ExportFormat",
+    "ExportResult",
+    "LayerAgreement",
+    "Manifest",
+    "TensorEntry",
+    "VerifyReport",
+    "bias_grids",
+    "check_model",
+    "compare",
+    "default_opset",
+    "export_and_verify",
+    "export_model",
+    "export_run",
+    "read_manifest",
+    "save_export",
+    "snap_biases",
+    "verify_run",
+]

@@ -1,0 +1,84 @@
+"""snap_biases: the PyTorch model's biases moved onto the int32 grid the export rounds them to."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from export_nets import INPUT_SHAPE, images, quantized
+from onnx import numpy_helper
+
+from mecqtk.export import bias_grids, export_model, snap_biases
+from mecqtk.export.verify import compare
+
+
+def _bias_codes(gm) -> dict[str, np.ndarray]:
+    model, _ = export_model(gm, INPUT_SHAPE, "qcdq")
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer
+            if t.name.endswith("_bias_codes")}
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_snapping_leaves_the_export_unchanged_and_makes_torch_match_it(residual_net, bits):
+    gm = quantized(residual_net, bits, bits)
+    exported_before = _bias_codes(gm)
+    assert all(grid.off_grid_units > 0.1 for grid in bias_grids(gm))
+    assert snap_biases(gm) == 5
+    assert all(grid.off_grid_units < 0.01 for grid in bias_grids(gm))
+    exported_after = _bias_codes(gm)
+    assert exported_before.keys() == exported_after.keys()
+    for name, codes in exported_before.items():
+        np.testing.assert_array_equal(codes, exported_after[name])
+
+    model, manifest = export_model(gm, INPUT_SHAPE, "qcdq")
+    batches = [(images(64, seed), torch.arange(64) % 10) for seed in range(4)]
+    report = compare(gm, model, manifest, batches, threads=1)
+    assert report.off_grid_bias_layers == 0
+    assert report.top1_agreement_pct == 100.0
+    for layer in report.layers:
+        assert layer.differing_pct < 0.001, layer  # at most a float tie here and there
+
+
+def test_snapping_twice_changes_nothing(residual_net):
+    gm = quantized(residual_net, 2, 2)
+    snap_biases(gm)
+    first = {k: v.clone() for k, v in gm.state_dict().items()}
+    snap_biases(gm)
+    for key, value in gm.state_dict().items():
+        assert torch.equal(value, first[key]), key
+
+
+def test_unsnapped_model_is_reported(residual_net):
+    gm = quantized(residual_net, 2, 2)
+    model, manifest = export_model(gm, INPUT_SHAPE, "qcdq")
+    report = compare(gm, model, manifest, [(images(8), torch.zeros(8, dtype=torch.long))],
+                     threads=1)
+    assert report.off_grid_bias_layers == 5
+
+
+def test_batchnorm_folded_during_training_exports_and_snaps(residual_net):
+    pytest.importorskip("mecqtk.quant.bn_fold",
+                        reason="this tree has no simulated conv-BN folding (quant.batchnorm.fold)")
+    from mecqtk.graph import prepare
+    from mecqtk.quant.calibrate import calibrate
+    from mecqtk.recipe import recipe_from_dict
+
+    torch.manual_seed(0)
+    gm = prepare(residual_net, recipe_from_dict({
+        "name": "w4a4_fold",
+        "quant": {"weight": {"bits": 4, "granularity": "per_channel"},
+                  "activation": {"bits": 4}, "batchnorm": {"fold": True}},
+    }))
+    calibrate(gm, [images(16, seed=5)])
+    gm.eval()
+    folded = pytest.importorskip("mecqtk.quant.bn_fold").FoldedBNLayer
+    assert sum(isinstance(m, folded) for m in gm.modules()) == 3  # conv1, conv2, conv3
+    assert snap_biases(gm) == 5
+    model, manifest = export_model(gm, INPUT_SHAPE, "qcdq")
+    assert not any(n.op_type == "BatchNormalization" for n in model.graph.node)
+    batches = [(images(64, seed), torch.arange(64) % 10) for seed in range(2)]
+    report = compare(gm, model, manifest, batches, threads=1)
+    assert report.top1_agreement_pct == 100.0
+    assert report.off_grid_bias_layers == 0
+    for layer in report.layers:
+        assert layer.differing_pct < 0.01, layer
