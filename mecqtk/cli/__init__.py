@@ -34,6 +34,7 @@ def main() -> None:
 
 
 def _register() -> None:
+    from mecqtk.cli.doctor import doctor_command
     from mecqtk.cli.export import export_command
     from mecqtk.cli.quantize import quantize_command
     from mecqtk.cli.recipe import recipe_group
@@ -42,6 +43,7 @@ def _register() -> None:
 
     main.add_command(quantize_command)
     main.add_command(recipe_group)
+    main.add_command(doctor_command)
     main.add_command(export_command)
     main.add_command(verify_command)
     main.add_command(report_command)

@@ -39,3 +39,19 @@ def show_command(recipe: str) -> None:
       mecqtk recipe show w2a2_lsq.yaml
     """
     click.echo(dump_recipe(load_recipe(recipe)), nl=False)
+
+
+@recipe_group.command("explain")
+@click.option("--model", required=True, help="timm model name, e.g. resnet18.")
+@click.option("--recipe", required=True, help="Recipe YAML path or bundled name.")
+def explain_command(model: str, recipe: str) -> None:
+    """Print, per layer of MODEL, what RECIPE quantizes and how (no training).
+
+    \b
+    Example:
+      mecqtk recipe explain --model resnet18 --recipe w2a2_lsq.yaml
+    """
+    from mecqtk.cli.render_graph import render_explanation
+    from mecqtk.graph.doctor import explain
+
+    render_explanation(explain(model, recipe))

@@ -1,21 +1,38 @@
-"""Graph rewriting with torch.fx: trace -> annotate (policy) -> insert (mechanics)."""
+"""Graph rewriting with torch.fx: trace -> annotate (policy) -> insert (mechanics).
 
-from mecqtk.graph.annotate import annotate
-from mecqtk.graph.insert import activation_quantizers, insert_quantizers
-from mecqtk.graph.meta import META_KEY, NodeQuant, annotated_nodes, get_quant
+See docs/design.md for the pass pipeline. ``mecqtk.graph.doctor`` holds ``explain``/``doctor``.
+"""
+
+from mecqtk.graph.annotate import annotate, annotate_model
+from mecqtk.graph.attention import decompose_sdpa, unfuse_timm_attention
+from mecqtk.graph.insert import activation_quantizers, insert_model, insert_quantizers
+from mecqtk.graph.leaves import graph_modules, trace_leaf_interiors
+from mecqtk.graph.meta import META_KEY, GraphInfo, NodeQuant, annotated_nodes, get_quant, graph_info
 from mecqtk.graph.pipeline import prepare, run_passes
+from mecqtk.graph.report import LayerRow, QuantReport, quant_report
 from mecqtk.graph.tracer import QuantTracer, trace
 
 __all__ = [
     "META_KEY",
+    "GraphInfo",
+    "LayerRow",
     "NodeQuant",
+    "QuantReport",
     "QuantTracer",
     "activation_quantizers",
     "annotate",
+    "annotate_model",
     "annotated_nodes",
+    "decompose_sdpa",
     "get_quant",
+    "graph_info",
+    "graph_modules",
+    "insert_model",
     "insert_quantizers",
     "prepare",
+    "quant_report",
     "run_passes",
     "trace",
+    "trace_leaf_interiors",
+    "unfuse_timm_attention",
 ]

@@ -1,110 +1,277 @@
 """The policy pass: decide, from the recipe, what every quantizable node gets. Mutates nothing but
-node metadata; :mod:`mecqtk.graph.insert` then carries the decisions out mechanically."""
+node metadata; :mod:`mecqtk.graph.insert` then carries the decisions out mechanically.
+
+The semantics of each decision are documented on :class:`~mecqtk.graph.meta.NodeQuant`.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-import fnmatch
-import re
-
+import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
-from mecqtk.graph.meta import NodeQuant, OpKind, set_quant
+from mecqtk.graph.leaves import eager_layers, graph_modules, is_layer
+from mecqtk.graph.meta import NodeQuant, OpKind, graph_info, set_quant
+from mecqtk.graph.ops import (
+    functional_weight,
+    layer_name,
+    node_arguments,
+    node_kind,
+    operand_nodes,
+)
+from mecqtk.graph.rules import resolve
 from mecqtk.graph.signedness import nonnegative_values
-from mecqtk.quant.modules import QuantizedLayer, is_quantizable_layer
+from mecqtk.graph.values import ValueKind, value_kinds
+from mecqtk.quant.bn_fold import can_fold
 from mecqtk.quant.spec import QuantSpec
-from mecqtk.recipe.schema import LayerMatch, QuantConfig, QuantizerConfig, QuantizerOverride
+from mecqtk.recipe.schema import QuantConfig, QuantizerConfig
+
+LAYER_KINDS = ("conv", "linear")
+_SOFTMAX_FUNCTIONS = {torch.softmax, F.softmax}
+# Ops an attention logit passes through between its add and the softmax.
+_LOGIT_PATH_METHODS = {"view", "reshape", "masked_fill", "add", "unsqueeze", "contiguous", "float"}
 
 
-def layer_kind(module: nn.Module) -> OpKind:
-    return "linear" if isinstance(module, nn.Linear) else "conv"
+def spec_from(config: QuantizerConfig, nonnegative: bool, *, weight: bool = False) -> QuantSpec:
+    """Resolve ``signed: auto`` against what the signedness analysis proved."""
+    if weight or config.signed == "signed":
+        signed = True
+    elif config.signed == "unsigned":
+        signed = False
+    else:
+        signed = not nonnegative
+    return QuantSpec(bits=config.bits, signed=signed, quantizer=config.quantizer,
+                     granularity=config.granularity if weight else "per_tensor",
+                     observer=config.observer, learn_step=config.learn_step)
 
 
-def name_matches(pattern: str, name: str) -> bool:
-    """Glob match, or a full regex match when the pattern starts with ``re:``."""
-    if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], name) is not None
-    return fnmatch.fnmatchcase(name, pattern)
+def op_name(node: fx.Node) -> str:
+    """``<scope>.<node name>``: the module whose forward runs the op, then the node's name; a
+    module call is named by its module."""
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack") or {}
+    scope = next(reversed(stack.values()))[0] if stack else ""
+    return ".".join(p for p in (scope, node.name) if p)
 
 
-def _rule_applies(match: LayerMatch, name: str, kind: OpKind, position: set[str]) -> bool:
-    if match.name is not None and not name_matches(match.name, name):
-        return False
-    if match.op and kind not in match.op:
-        return False
-    return match.position == "any" or match.position in position
+def layer_positions(names: list[str]) -> dict[str, set[str]]:
+    """``first`` / ``last`` for the first and last layer of ``names`` (in execution order)."""
+    positions: dict[str, set[str]] = {n: set() for n in names}
+    if names:
+        positions[names[0]].add("first")
+        positions[names[-1]].add("last")
+    return positions
 
 
-def _apply(base: QuantizerConfig, overrides: list[QuantizerOverride]) -> QuantizerConfig:
-    """Each field takes its value from the first override that sets it, else from ``base``."""
-    values = {}
-    for f in dataclasses.fields(QuantizerConfig):
-        chosen = next((getattr(o, f.name) for o in overrides if getattr(o, f.name) is not None),
-                      None)
-        values[f.name] = getattr(base, f.name) if chosen is None else chosen
-    return QuantizerConfig(**values)
+def _qualified(prefix: str, name: str) -> str:
+    return ".".join(p for p in (prefix, name) if p)
 
 
-def _spec(config: QuantizerConfig, signed: bool) -> QuantSpec:
-    return QuantSpec(
-        bits=config.bits,
-        signed=signed,
-        quantizer=config.quantizer,
-        granularity=config.granularity,
-        observer=config.observer,
-        learn_step=config.learn_step,
-    )
-
-
-def _signed(config: QuantizerConfig, provably_nonnegative: bool) -> bool:
-    if config.signed == "auto":
-        return not provably_nonnegative
-    return config.signed == "signed"
-
-
-def resolve_layer(
-    config: QuantConfig, name: str, kind: OpKind, position: set[str], input_nonnegative: bool
-) -> NodeQuant:
-    """The decision for one layer: recipe defaults, overridden by the matching rules in order."""
-    matching = [r for r in config.rules if _rule_applies(r.match, name, kind, position)]
-    skip_rule = next((i for i, r in enumerate(matching) if r.skip), None)
-    if skip_rule is not None:
-        return NodeQuant(kind=kind, module_name=name, skipped=f"recipe rule skips {name}")
-    weight = _apply(config.weight, [r.weight for r in matching])
-    activation = _apply(config.activation, [r.activation for r in matching])
-    return NodeQuant(
-        kind=kind,
-        module_name=name,
-        weight=_spec(weight, signed=True),
-        inputs=(_spec(activation, _signed(activation, input_nonnegative)),),
-    )
-
-
-def quantizable_layer_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+def layer_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     modules = dict(gm.named_modules())
-    return [
-        n for n in gm.graph.nodes
-        if n.op == "call_module"
-        and (is_quantizable_layer(modules[n.target]) or isinstance(modules[n.target], QuantizedLayer))
-    ]
+    return [n for n in gm.graph.nodes if node_kind(n, modules) in LAYER_KINDS]
 
 
-def annotate(gm: fx.GraphModule, config: QuantConfig) -> fx.GraphModule:
-    """Record a :class:`NodeQuant` on every Conv/Linear node of ``gm``."""
-    modules = dict(gm.named_modules())
-    nodes = quantizable_layer_nodes(gm)
-    nonneg = nonnegative_values(gm)
-    for index, node in enumerate(nodes):
-        position = set()
-        if index == 0:
-            position.add("first")
-        if index == len(nodes) - 1:
-            position.add("last")
-        source = node.args[0]
-        input_nonneg = isinstance(source, fx.Node) and source.name in nonneg
-        decision = resolve_layer(
-            config, str(node.target), layer_kind(modules[node.target]), position, input_nonneg
+def _feeds_softmax(node: fx.Node, modules: dict[str, nn.Module], depth: int = 4) -> bool:
+    """Whether ``node`` is an attention logit: it reaches a softmax through reshapes, masking and
+    more adds only. Quantizing logits to 8 bits next to a -100 mask costs real accuracy."""
+    frontier = [node]
+    for _ in range(depth):
+        following = []
+        for value in frontier:
+            for user in value.users:
+                if user.op == "call_function" and user.target in _SOFTMAX_FUNCTIONS:
+                    return True
+                if user.op == "call_method" and user.target == "softmax":
+                    return True
+                if user.op == "call_module" and isinstance(modules[user.target], nn.Softmax):
+                    return True
+                if (user.op == "call_method" and user.target in _LOGIT_PATH_METHODS) or (
+                    user.op == "call_function" and node_kind(user, modules) == "add"
+                ):
+                    following.append(user)
+        frontier = following
+    return False
+
+
+class _Annotator:
+    """Walks one GraphModule in topological order and records a NodeQuant on each decision."""
+
+    def __init__(self, gm: fx.GraphModule, config: QuantConfig, prefix: str,
+                 positions: dict[str, set[str]]) -> None:
+        self.gm = gm
+        self.config = config
+        self.prefix = prefix
+        self.positions = positions
+        self.modules = dict(gm.named_modules())
+        self.kinds = value_kinds(gm)
+        nonneg_names = nonnegative_values(gm)
+        self.nonneg = {n for n in gm.graph.nodes if n.name in nonneg_names}
+        self.quantized_outputs: set[fx.Node] = set()
+
+    def run(self) -> None:
+        for node in self.gm.graph.nodes:
+            kind = node_kind(node, self.modules)
+            if kind is None:
+                continue
+            decision = self.decide(node, kind)
+            if decision is None:
+                continue
+            set_quant(node, decision)
+            if decision.output is not None:
+                self.quantized_outputs.add(node)
+
+    def _is_tensor(self, value: fx.Node) -> bool:
+        return self.kinds.get(value) is ValueKind.TENSOR
+
+    def decide(self, node: fx.Node, kind: OpKind) -> NodeQuant | None:
+        arguments = node_arguments(node)
+        operands = operand_nodes(node, kind)
+        if not operands:
+            return None
+        if kind == "add" and not all(self._is_tensor(arguments[i]) for i in operands):
+            return None  # not an op on tensors (x.shape[1] + 1), or operands we cannot see
+        if kind in ("add", "cat") and all(arguments[i].op == "get_attr" for i in operands):
+            return None  # combines parameters (BEiT's q/k/v biases), not activations
+        if kind in LAYER_KINDS:
+            return self._layer(node, kind, arguments, operands[0])
+        residual = self.config.residual
+        if kind != "matmul" and not (residual.enabled and kind in residual.ops):
+            return None
+        name = op_name(node)
+        full_name = ".".join(p for p in (self.prefix, name) if p)
+        resolution = resolve(self.config, full_name, kind, set())
+        if resolution.skipped is not None:
+            return NodeQuant(kind=kind, module_name=name, skipped=resolution.skipped)
+        if kind == "add" and _feeds_softmax(node, self.modules):
+            return NodeQuant(kind=kind, module_name=name,
+                             skipped="attention logits (feeds a softmax): left in float")
+        assert resolution.activation is not None
+        inputs: list[QuantSpec | None] = [None] * len(arguments)
+        for i in operands:
+            source = arguments[i]
+            if kind != "matmul" and source in self.quantized_outputs:
+                continue  # already on a grid: requantizing would only add error
+            inputs[i] = spec_from(resolution.activation, source in self.nonneg)
+        output = None
+        if kind in ("add", "cat"):
+            output = spec_from(resolution.activation, node in self.nonneg)
+        return NodeQuant(kind=kind, module_name=name, inputs=tuple(inputs), output=output)
+
+    def _layer(self, node: fx.Node, kind: OpKind, arguments: list[fx.Node],
+               data: int) -> NodeQuant:
+        module_name = layer_name(node, self.modules)
+        name = _qualified(self.prefix, module_name)
+        resolution = resolve(self.config, name, kind, self.positions.get(name, set()))
+        if resolution.skipped is not None:
+            return NodeQuant(kind=kind, module_name=module_name, skipped=resolution.skipped)
+        assert resolution.weight is not None and resolution.activation is not None
+        inputs: list[QuantSpec | None] = [None] * len(arguments)
+        inputs[data] = spec_from(resolution.activation, arguments[data] in self.nonneg)
+        functional = functional_weight(node, self.modules)
+        folds = self.config.batchnorm.fold and node.op == "call_module"
+        return NodeQuant(
+            kind=kind,
+            module_name=module_name,
+            weight=spec_from(resolution.weight, False, weight=True),
+            inputs=tuple(inputs),
+            bn=self._foldable_bn(node) if folds else None,
+            weight_input=functional[1] if functional else None,
         )
-        set_quant(node, decision)
+
+    def _foldable_bn(self, node: fx.Node) -> str | None:
+        """The BN this layer feeds, when it is the layer's only user and used nowhere else."""
+        users = list(node.users)
+        if len(users) != 1 or users[0].op != "call_module":
+            return None
+        target = str(users[0].target)
+        calls = sum(1 for n in self.gm.graph.nodes if n.op == "call_module" and n.target == target)
+        if calls != 1 or not can_fold(self.modules[node.target], self.modules[target]):
+            return None
+        return target
+
+
+def annotate(
+    gm: fx.GraphModule,
+    config: QuantConfig,
+    *,
+    prefix: str = "",
+    positions: dict[str, set[str]] | None = None,
+) -> fx.GraphModule:
+    """Record a :class:`NodeQuant` on every node ``config`` quantizes or deliberately skips.
+
+    Args:
+        gm: a traced model (or a traced submodule of one).
+        config: the recipe's ``quant`` section.
+        prefix: qualified name of ``gm`` inside the whole model, for rule matching.
+        positions: ``first``/``last`` per qualified layer name across the whole model; by
+            default the first and last layer of ``gm``.
+
+    Example:
+        >>> gm = annotate(trace(model), load_recipe("w4a4_lsq.yaml").quant)
+    """
+    if positions is None:
+        modules = dict(gm.named_modules())
+        names = [_qualified(prefix, layer_name(n, modules)) for n in layer_nodes(gm)]
+        positions = layer_positions(names)
+    _Annotator(gm, config, prefix, positions).run()
+    return gm
+
+
+def _eager_decision(config: QuantConfig, gm: fx.GraphModule, name: str, full_name: str,
+                    positions: dict[str, set[str]]) -> NodeQuant:
+    """A layer run by leaf code: no graph around it, so its input's sign is unknown (signed)."""
+    layer = gm.get_submodule(name)
+    kind: OpKind = "linear" if isinstance(layer, nn.Linear) else "conv"
+    resolution = resolve(config, full_name, kind, positions.get(full_name, set()))
+    if resolution.skipped is not None:
+        return NodeQuant(kind=kind, module_name=name, skipped=resolution.skipped)
+    assert resolution.weight is not None and resolution.activation is not None
+    return NodeQuant(kind=kind, module_name=name,
+                     weight=spec_from(resolution.weight, False, weight=True),
+                     inputs=(spec_from(resolution.activation, False),))
+
+
+def layer_order(gm: fx.GraphModule, prefix: str = "") -> list[str]:
+    """Qualified names of all layers in (approximate) execution order: graph order, and inside a
+    leaf module the order its submodules were registered in."""
+    order: list[str] = []
+
+    def walk_leaf(module: nn.Module, path: str) -> None:
+        for name, child in module.named_children():
+            if isinstance(child, fx.GraphModule):
+                order.extend(layer_order(child, f"{path}.{name}"))
+            elif is_layer(child):
+                order.append(f"{path}.{name}")
+            else:
+                walk_leaf(child, f"{path}.{name}")
+
+    modules = dict(gm.named_modules())
+    for node in gm.graph.nodes:
+        if functional_weight(node, modules) is not None:
+            order.append(_qualified(prefix, layer_name(node, modules)))
+        if node.op != "call_module":
+            continue
+        module = modules[node.target]
+        path = _qualified(prefix, str(node.target))
+        if is_layer(module):
+            order.append(path)
+        else:
+            walk_leaf(module, path)
+    return list(dict.fromkeys(order))
+
+
+def annotate_model(gm: fx.GraphModule, config: QuantConfig) -> fx.GraphModule:
+    """:func:`annotate` every graph of the model (the top one and those traced inside leaves),
+    and decide for the eager layers of each (recorded in its :class:`GraphInfo`)."""
+    positions = layer_positions(layer_order(gm))
+    for prefix, sub in list(graph_modules(gm)):
+        annotate(sub, config, prefix=prefix, positions=positions)
+        graph_info(sub).eager_layers = {
+            name: _eager_decision(config, sub, name, ".".join(p for p in (prefix, name) if p),
+                                  positions)
+            for name in eager_layers(sub)
+        }
     return gm

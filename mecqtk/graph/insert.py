@@ -1,6 +1,7 @@
 """The mechanical pass: build and insert the quantizers the annotate pass decided on.
 
-No policy lives here: every choice comes from the node's :class:`~mecqtk.graph.meta.NodeQuant`.
+No policy lives here: every choice comes from a :class:`~mecqtk.graph.meta.NodeQuant`, on a node
+or (for layers run by leaf code) in the GraphModule's :class:`~mecqtk.graph.meta.GraphInfo`.
 """
 
 from __future__ import annotations
@@ -8,27 +9,35 @@ from __future__ import annotations
 import torch.fx as fx
 from torch import nn
 
-from mecqtk.graph.meta import annotated_nodes
+from mecqtk.graph.leaves import graph_modules
+from mecqtk.graph.meta import annotated_nodes, graph_info
+from mecqtk.graph.ops import node_arguments, replace_node_argument
+from mecqtk.quant.bn_fold import FoldedBNLayer
 from mecqtk.quant.modules import QuantizedLayer
-from mecqtk.quant.quantizers import make_quantizer
+from mecqtk.quant.quantizers import FakeQuantizer, make_quantizer
 from mecqtk.quant.spec import QuantSpec
 
 ACT_PREFIX = "aq_"
+WEIGHT_PREFIX = "wq_"
 
 
-def _swap_weight_quantized(gm: fx.GraphModule, name: str, spec: QuantSpec) -> None:
+def _swap_weight_quantized(
+    gm: fx.GraphModule, name: str, spec: QuantSpec, input_spec: QuantSpec | None = None
+) -> None:
     layer = gm.get_submodule(name)
     if isinstance(layer, QuantizedLayer):
         return
-    quantizer = make_quantizer(spec, channels=layer.weight.shape[0], axis=0)
-    quantizer.to(layer.weight.device)
+    device = layer.weight.device
+    quantizer = make_quantizer(spec, channels=layer.weight.shape[0], axis=0).to(device)
+    input_quantizer = None if input_spec is None else make_quantizer(input_spec).to(device)
     parent_name, _, attr = name.rpartition(".")
     parent = gm.get_submodule(parent_name) if parent_name else gm
-    setattr(parent, attr, QuantizedLayer(layer, quantizer))
+    setattr(parent, attr, QuantizedLayer(layer, quantizer, input_quantizer))
 
 
 def _activation_quantizer(
-    gm: fx.GraphModule, source: fx.Node, spec: QuantSpec, made: dict[tuple[str, QuantSpec], fx.Node]
+    gm: fx.GraphModule, source: fx.Node, spec: QuantSpec,
+    made: dict[tuple[str, QuantSpec], fx.Node],
 ) -> fx.Node:
     """The node quantizing ``source`` with ``spec``; one per (value, spec), shared by consumers."""
     key = (source.name, spec)
@@ -44,26 +53,79 @@ def _activation_quantizer(
     return node
 
 
+def _fold_bn(gm: fx.GraphModule, node: fx.Node, name: str, bn_name: str,
+             spec: QuantSpec) -> None:
+    """Replace layer ``name`` by a FoldedBNLayer holding BN ``bn_name``; drop the BN node."""
+    layer, bn = gm.get_submodule(name), gm.get_submodule(bn_name)
+    quantizer = make_quantizer(spec, channels=layer.weight.shape[0], axis=0)
+    parent_name, _, attr = name.rpartition(".")
+    parent = gm.get_submodule(parent_name) if parent_name else gm
+    setattr(parent, attr, FoldedBNLayer(layer, bn, quantizer.to(layer.weight.device)))
+    bn_node = next(iter(node.users))
+    bn_node.replace_all_uses_with(node)
+    gm.graph.erase_node(bn_node)
+    gm.delete_submodule(bn_name)
+
+
+def _quantize_weight_argument(gm: fx.GraphModule, node: fx.Node, index: int, name: str,
+                              spec: QuantSpec) -> None:
+    """A functional layer (``F.linear(x, self.qkv.weight)``): quantize the weight it is given."""
+    weight = node_arguments(node)[index]
+    parameter = gm.get_parameter(str(weight.target))
+    module_name = WEIGHT_PREFIX + name.replace(".", "_")
+    quantizer = make_quantizer(spec, channels=parameter.shape[0], axis=0)
+    gm.add_submodule(module_name, quantizer.to(parameter.device))
+    with gm.graph.inserting_after(weight):
+        quantized = gm.graph.call_module(module_name, (weight,))
+    replace_node_argument(node, index, quantized)
+
+
 def insert_quantizers(gm: fx.GraphModule) -> fx.GraphModule:
-    """Swap annotated layers for :class:`QuantizedLayer` and quantize their annotated inputs."""
+    """Swap annotated layers for :class:`QuantizedLayer` and quantize their annotated inputs and
+    outputs, in this one graph; then wrap its eager layers."""
     made: dict[tuple[str, QuantSpec], fx.Node] = {}
-    for node, quant in annotated_nodes(gm):
+    annotated = annotated_nodes(gm)
+    for node, quant in annotated:  # BN nodes go first: later operands may name them
+        if quant.quantized and quant.bn is not None and quant.weight is not None:
+            _fold_bn(gm, node, quant.module_name, quant.bn, quant.weight)
+    for node, quant in annotated:
         if not quant.quantized:
             continue
-        if quant.weight is not None:
+        if quant.weight is not None and quant.weight_input is not None:
+            _quantize_weight_argument(gm, node, quant.weight_input, quant.module_name,
+                                      quant.weight)
+        elif quant.weight is not None:
             _swap_weight_quantized(gm, quant.module_name, quant.weight)
+        arguments = node_arguments(node)
         for index, spec in enumerate(quant.inputs):
-            source = node.args[index]
-            if spec is None or not isinstance(source, fx.Node):
+            if spec is None:
                 continue
-            node.update_arg(index, _activation_quantizer(gm, source, spec, made))
+            quantized = _activation_quantizer(gm, arguments[index], spec, made)
+            replace_node_argument(node, index, quantized)
         if quant.output is not None:
             users = list(node.users)
             quantized = _activation_quantizer(gm, node, quant.output, made)
             for user in users:
                 user.replace_input_with(node, quantized)
+    for name, quant in graph_info(gm).eager_layers.items():
+        if quant.quantized and quant.weight is not None:
+            input_spec = quant.inputs[0] if quant.inputs else None
+            _swap_weight_quantized(gm, name, quant.weight, input_spec)
     return gm
 
 
-def activation_quantizers(gm: nn.Module) -> dict[str, nn.Module]:
-    return {n: m for n, m in gm.named_children() if n.startswith(ACT_PREFIX)}
+def insert_model(gm: fx.GraphModule) -> fx.GraphModule:
+    """:func:`insert_quantizers` in every graph of the model, innermost first."""
+    for _, sub in reversed(list(graph_modules(gm))):
+        insert_quantizers(sub)
+    return gm
+
+
+def activation_quantizers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every activation quantizer by qualified name: graph ones (``aq_*``, also inside nested
+    graphs) and the input quantizers of eager layers."""
+    return {
+        name: module for name, module in model.named_modules()
+        if isinstance(module, FakeQuantizer)
+        and (name.rpartition(".")[2].startswith(ACT_PREFIX) or name.endswith(".input_quantizer"))
+    }

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch.fx as fx
@@ -18,8 +18,57 @@ OpKind = Literal["conv", "linear", "matmul", "add", "cat", "pool"]
 class NodeQuant:
     """What one graph node gets: a weight quantizer, quantizers on its inputs, one on its output.
 
-    ``inputs[i]`` is the spec for the node's i-th tensor argument (None: left as is). ``skipped``
-    holds the reason when a quantizable node is deliberately left in float.
+    The annotate pass writes one of these on every node it decides about; the insert pass builds
+    exactly what it says and nothing else. Semantics, per ``kind``:
+
+    - ``conv`` / ``linear``: a ``call_module`` node of an ``nn.Conv1d/2d/3d`` (any subclass, e.g.
+      timm's Conv2dSame or StdConv2d; depthwise and grouped included) or ``nn.Linear``.
+      ``weight`` quantizes the weight the layer really convolves with (for weight-standardised
+      convs the standardised weight), per output channel (axis 0) when per-channel.
+      ``inputs[0]`` quantizes the layer's input. ``output`` is None: the layer's output stays float
+      until a consumer quantizes it.
+    - ``matmul``: ``a @ b``, ``torch.matmul``, ``torch.bmm``, ``Tensor.matmul/bmm`` (attention
+      ``q @ k.T`` and ``attn @ v``; ``F.scaled_dot_product_attention`` is decomposed into these
+      before annotation). ``inputs[0]`` and ``inputs[1]`` quantize both operands.
+    - ``add``: tensor + tensor (``operator.add``/``iadd``, ``torch.add``, ``Tensor.add/add_``);
+      adding a Python number is not an ``add`` here. ``inputs[i]`` quantizes operand ``i`` unless
+      it is already quantized (None then); ``output`` quantizes the sum.
+    - ``cat``: ``torch.cat``/``concat``. ``inputs[i]`` quantizes the ``i``-th concatenated piece
+      unless already quantized; ``output`` quantizes the result.
+    - ``pool``: max/avg/adaptive pooling (modules and functions) and the global mean over the
+      spatial dims. ``inputs[0]`` quantizes the pooled tensor unless already quantized.
+
+    An operand is *already quantized* when it is the ``output`` quantizer of another annotated node
+    (a quantized add feeding the next add). ``add``/``cat``/``pool`` specs come from the recipe's
+    ``quant.residual`` section (8-bit by default), conv/linear/matmul inputs from
+    ``quant.activation``, weights from ``quant.weight``; ``quant.rules`` override any of them.
+    Activation specs are signed unless the value is provably non-negative
+    (:mod:`mecqtk.graph.signedness`) or the recipe fixes the sign. Every spec here is per-tensor
+    except weights.
+
+    ``inputs[i]`` refers to ``mecqtk.graph.ops.node_arguments(node)[i]``: the node's graph-value
+    arguments, ``args`` then ``kwargs``, lists flattened (so for ``cat([a, b], 1)`` index 0 is
+    ``a``); None means that argument is left as is. After insertion that argument is the output
+    of a ``call_module`` node of a :class:`~mecqtk.quant.quantizers.FakeQuantizer` named
+    ``aq_<source node>``, shared by every consumer asking for the same spec on the same value;
+    an ``output`` quantizer is wired between the node and all its users.
+
+    ``module_name`` is, for conv/linear, the qualified name of the layer inside the GraphModule
+    that holds the node (``gm.get_submodule(module_name)``); for the other kinds it is
+    ``<scope>.<node name>``, the scope being the module whose forward runs the op
+    (``layer1.0.add``), which is what recipe rules match. ``skipped`` holds the reason when a
+    quantizable node is deliberately left in float; nothing is inserted for it.
+
+    A conv/linear node may also be a ``call_function`` of ``F.linear``/``F.conv*d`` whose weight
+    argument is a layer's own parameter (``F.linear(x, self.qkv.weight, qkv_bias)`` in BEiT/EVA).
+    ``module_name`` then names that layer, ``weight_input`` is the weight's index in
+    ``node_arguments(node)``, and the insert pass puts a per-channel weight quantizer module named
+    ``wq_<layer>`` between the parameter and the call (the layer module itself is not swapped).
+
+    ``bn`` (conv/linear only, with ``quant.batchnorm.fold``) names the BatchNorm module, in the
+    same GraphModule, whose node is the layer's only user: the insert pass replaces the layer by
+    a :class:`~mecqtk.quant.bn_fold.FoldedBNLayer` holding that BN and removes the BN node (its
+    users read the layer's output); ``weight`` then quantizes the folded weight.
     """
 
     kind: OpKind
@@ -28,10 +77,34 @@ class NodeQuant:
     inputs: tuple[QuantSpec | None, ...] = ()
     output: QuantSpec | None = None
     skipped: str | None = None
+    bn: str | None = None
+    weight_input: int | None = None
 
     @property
     def quantized(self) -> bool:
         return self.skipped is None
+
+
+@dataclass
+class GraphInfo:
+    """What the passes record about a whole GraphModule, under ``gm.meta["mecqtk"]``.
+
+    ``auto_leaves``: module classes the tracer kept whole because tracing failed inside them.
+    ``eager_layers``: decisions for Conv/Linear layers that run inside a leaf module's own
+    (untraced) forward, by qualified name relative to ``gm``; the insert pass gives each a
+    :class:`~mecqtk.quant.modules.QuantizedLayer` with an input quantizer.
+    """
+
+    auto_leaves: tuple[str, ...] = ()
+    eager_layers: dict[str, NodeQuant] = field(default_factory=dict)
+
+
+def graph_info(gm: fx.GraphModule) -> GraphInfo:
+    """The GraphModule's record, created empty on first use."""
+    info = gm.meta.get(META_KEY)
+    if info is None:
+        info = gm.meta[META_KEY] = GraphInfo()
+    return info
 
 
 def get_quant(node: fx.Node) -> NodeQuant | None:

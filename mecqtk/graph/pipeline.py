@@ -1,4 +1,14 @@
-"""prepare(): the pass pipeline that turns a float model into a fake-quantized GraphModule."""
+"""prepare(): the pass pipeline that turns a float model into a fake-quantized GraphModule.
+
+The pipeline, in order (each pass GraphModule -> GraphModule; see docs/design.md):
+
+1. ``unfuse_timm_attention`` on a copy of the model, then :func:`~mecqtk.graph.tracer.trace`
+   (timm-aware leaves; with ``quant.auto_leaf`` a submodule that fails to trace is kept whole);
+2. :func:`~mecqtk.graph.leaves.trace_leaf_interiors`: trace what can be traced inside leaves;
+3. :func:`~mecqtk.graph.attention.decompose_sdpa` in every graph;
+4. :func:`~mecqtk.graph.annotate.annotate_model`: the recipe's decisions as node metadata;
+5. :func:`~mecqtk.graph.insert.insert_model`: quantizers built and wired, no decisions.
+"""
 
 from __future__ import annotations
 
@@ -8,20 +18,34 @@ from collections.abc import Callable
 import torch.fx as fx
 from torch import nn
 
-from mecqtk.graph.annotate import annotate
-from mecqtk.graph.insert import insert_quantizers
+from mecqtk.graph.annotate import annotate_model
+from mecqtk.graph.attention import decompose_sdpa, unfuse_timm_attention
+from mecqtk.graph.insert import insert_model
+from mecqtk.graph.leaves import graph_modules, trace_leaf_interiors
 from mecqtk.graph.tracer import trace
 from mecqtk.recipe.schema import QuantConfig, Recipe
 
 Pass = Callable[[fx.GraphModule], fx.GraphModule]
 
 
+def in_every_graph(graph_pass: Pass) -> Pass:
+    """Run a single-graph pass on the top graph and on every graph nested in it."""
+
+    def run(gm: fx.GraphModule) -> fx.GraphModule:
+        for _, sub in list(graph_modules(gm)):
+            graph_pass(sub)
+        return gm
+
+    return run
+
+
 def run_passes(gm: fx.GraphModule, passes: list[Pass]) -> fx.GraphModule:
-    """Apply GraphModule -> GraphModule passes in order, then lint and recompile once."""
+    """Apply GraphModule -> GraphModule passes in order, then lint and recompile each graph."""
     for graph_pass in passes:
         gm = graph_pass(gm)
-    gm.graph.lint()
-    gm.recompile()
+    for _, sub in graph_modules(gm):
+        sub.graph.lint()
+        sub.recompile()
     return gm
 
 
@@ -39,8 +63,14 @@ def prepare(model: nn.Module, recipe: Recipe | QuantConfig) -> fx.GraphModule:
     """
     config = recipe.quant if isinstance(recipe, Recipe) else recipe
     model = copy.deepcopy(model)
-    gm = trace(model, extra_leaf_classes=config.leaf_modules)
+    unfuse_timm_attention(model)
+    gm = trace(model, config.leaf_modules, auto_leaf=config.auto_leaf, specialize_defaults=True)
     for attr in ("pretrained_cfg", "default_cfg", "num_classes", "num_features"):
         if hasattr(model, attr):
             setattr(gm, attr, getattr(model, attr))
-    return run_passes(gm, [lambda g: annotate(g, config), insert_quantizers])
+    return run_passes(gm, [
+        lambda g: trace_leaf_interiors(g, config.leaf_modules, auto_leaf=config.auto_leaf),
+        in_every_graph(decompose_sdpa),
+        lambda g: annotate_model(g, config),
+        insert_model,
+    ])

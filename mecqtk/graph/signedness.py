@@ -72,9 +72,10 @@ def nonnegative_values(gm: fx.GraphModule) -> set[str]:
                 node.target is operator.getitem and first_ok
             ):
                 nonneg.add(node.name)
-        elif node.op == "call_method":
-            if node.target in _NONNEG_METHODS or (
-                node.target in _PRESERVING_METHODS and first_ok
-            ) or (node.target in _ALL_INPUTS_METHODS and all_ok):
-                nonneg.add(node.name)
+        elif node.op == "call_method" and (
+            node.target in _NONNEG_METHODS
+            or (node.target in _PRESERVING_METHODS and first_ok)
+            or (node.target in _ALL_INPUTS_METHODS and all_ok)
+        ):
+            nonneg.add(node.name)
     return nonneg

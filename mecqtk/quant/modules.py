@@ -1,40 +1,63 @@
-"""Quantized layers: a Conv or Linear kept intact, with a fake-quantizer on its weight."""
+"""Quantized layers: a Conv or Linear kept intact, with a fake-quantizer on the weight it uses."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from mecqtk.quant.layer_forms import WeightInterceptor, layer_form
 from mecqtk.quant.quantizers import FakeQuantizer
 
-_PLAIN_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+QUANTIZABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 def is_quantizable_layer(module: nn.Module) -> bool:
-    return isinstance(module, (*_PLAIN_CONVS, nn.Linear))
+    """Conv1d/2d/3d (any subclass: depthwise, grouped, timm's Conv2dSame, StdConv2d) or Linear."""
+    return isinstance(module, QUANTIZABLE_TYPES)
 
 
 class QuantizedLayer(nn.Module):
-    """``layer`` computing with fake-quantized weights.
+    """``layer`` computing with its fake-quantized (effective) weight.
 
-    The original module is kept (``self.layer``) so any subclass keeps its own forward (timm's
-    Conv2dSame padding, for example); only the weight it sees is replaced.
+    The original module is kept (``self.layer``) so parameter names and any subclass behaviour
+    survive; only the weight it multiplies with is replaced: for weight-standardised convs that
+    is the standardised weight (see :mod:`mecqtk.quant.layer_forms`). ``input_quantizer`` is set
+    only for layers inside code the tracer could not see (a leaf module's own forward), where no
+    graph node can carry the input quantizer. Attributes the layer has and this wrapper does not
+    (``out_channels``, ``weight``) are read through, so code that inspects the layer still works.
     """
 
-    def __init__(self, layer: nn.Module, weight_quantizer: FakeQuantizer) -> None:
+    def __init__(self, layer: nn.Module, weight_quantizer: FakeQuantizer,
+                 input_quantizer: FakeQuantizer | None = None) -> None:
         super().__init__()
         self.layer = layer
         self.weight_quantizer = weight_quantizer
+        self.input_quantizer = input_quantizer
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "layer":
+                raise
+            return getattr(super().__getattr__("layer"), name)
+
+    def effective_weight(self) -> torch.Tensor:
+        """The float weight the layer really multiplies with (before quantization)."""
+        form = layer_form(self.layer)
+        return self.layer.weight if form is None else form.effective_weight(self.layer)
 
     def quantized_weight(self) -> torch.Tensor:
-        return self.weight_quantizer(self.layer.weight)
+        return self.weight_quantizer(self.effective_weight())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.quantized_weight()
-        layer = self.layer
-        if type(layer) in _PLAIN_CONVS:
-            return layer._conv_forward(x, weight, layer.bias)
-        if type(layer) is nn.Linear:
-            return F.linear(x, weight, layer.bias)
-        return torch.func.functional_call(layer, {"weight": weight}, (x,))
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        form = layer_form(self.layer)
+        if form is not None:
+            weight = self.weight_quantizer(form.effective_weight(self.layer))
+            return form.apply(self.layer, x, weight)
+        with WeightInterceptor(self.weight_quantizer):
+            return self.layer(x)

@@ -45,13 +45,31 @@ class Observer:
     def compute_scale(self, qmin: int, qmax: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def compute_affine(self, qmin: int, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step and zero point of an asymmetric grid (LSQ+); from the range seen by default."""
+        data = self.data()
+        return affine_from_range(data.amin(dim=1), data.amax(dim=1), qmin, qmax)
+
 
 def _bound(qmin: int, qmax: int) -> int:
     return max(-qmin, qmax)
 
 
+MIN_STEP = 1e-8
+
+
 def _safe(scale: torch.Tensor) -> torch.Tensor:
-    return scale.clamp_min(1e-8)
+    return scale.clamp_min(MIN_STEP)
+
+
+def affine_from_range(
+    low: torch.Tensor, high: torch.Tensor, qmin: int, qmax: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step and integer zero point mapping ``[low, high]`` (widened to hold 0) onto the grid."""
+    low, high = low.clamp(max=0.0), high.clamp(min=0.0)
+    scale = _safe((high - low) / (qmax - qmin))
+    zero_point = torch.round(qmin - low / scale).clamp(qmin, qmax)
+    return scale, zero_point
 
 
 class MinMaxObserver(Observer):
@@ -73,6 +91,11 @@ class PercentileObserver(Observer):
         if data.shape[1] > 1 << 24:
             data = data[:, : 1 << 24]
         return _safe(torch.quantile(data, self.q, dim=1) / _bound(qmin, qmax))
+
+    def compute_affine(self, qmin: int, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+        data = self.data()[:, : 1 << 24]
+        low = torch.quantile(data, 1.0 - self.q, dim=1)
+        return affine_from_range(low, torch.quantile(data, self.q, dim=1), qmin, qmax)
 
 
 class LSQInitObserver(Observer):
@@ -117,3 +140,22 @@ class MSEObserver(Observer):
         offsets = torch.linspace(-width, width, self.FINE + 2)[1:-1]
         search([(best_ratio + o).clamp(0.01, 1.0) for o in offsets])
         return _safe(top * best_ratio)
+
+    def compute_affine(self, qmin: int, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The seen range shrunk by the ratio (coarse grid) that minimises the squared error."""
+        data = self.data()
+        if data.shape[1] > self.SEARCH_VALUES:
+            data = data[:, :: data.shape[1] // self.SEARCH_VALUES]
+        low, high = data.amin(dim=1), data.amax(dim=1)
+        best = affine_from_range(low, high, qmin, qmax)
+        best_err = torch.full_like(low, float("inf"))
+        for step in range(self.COARSE * 2, 0, -1):
+            ratio = step / (self.COARSE * 2)
+            scale, zero_point = affine_from_range(low * ratio, high * ratio, qmin, qmax)
+            quantized = fake_quantize(data, scale[:, None], qmin, qmax,
+                                      zero_point=zero_point[:, None])
+            err = (quantized - data).pow_(2).mean(dim=1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = (torch.where(better, scale, best[0]), torch.where(better, zero_point, best[1]))
+        return best

@@ -8,11 +8,9 @@ import torch
 from torch import nn
 
 from mecqtk.quant.arith import fake_quantize, integer_range, lsq_grad_scale
-from mecqtk.quant.observers import Observer
+from mecqtk.quant.observers import MIN_STEP, Observer
 from mecqtk.quant.registry import OBSERVERS, QUANTIZERS, register_quantizer
 from mecqtk.quant.spec import QuantSpec
-
-MIN_STEP = 1e-8
 
 
 class Mode(Enum):
@@ -29,6 +27,8 @@ class FakeQuantizer(nn.Module):
         channels: number of channels for a per-channel quantizer (1 for per-tensor).
         axis: channel axis of the tensors this quantizer sees (per-channel only).
     """
+
+    weight_capable = True  # False for quantizers meant for activations only
 
     def __init__(self, spec: QuantSpec, channels: int = 1, axis: int = 0) -> None:
         super().__init__()
@@ -69,18 +69,30 @@ class FakeQuantizer(nn.Module):
         floor = self.scale.detach().clamp_min(MIN_STEP) - self.scale.detach()
         return self.scale + floor
 
-    def start_observing(self) -> None:
-        self.observer = OBSERVERS[self.spec.observer](axis=self.axis)
+    def start_observing(self, observer: str | None = None) -> None:
+        """Pass values through and collect them; ``observer`` overrides the spec's."""
+        self.observer = OBSERVERS[observer or self.spec.observer](axis=self.axis)
         self.mode = Mode.OBSERVE
 
     @torch.no_grad()
     def finish_observing(self) -> None:
         """Set the step size from what the observer saw, and go back to quantizing."""
         assert self.observer is not None, "start_observing() first"
-        self.scale.copy_(self.observer.compute_scale(self.qmin, self.qmax).to(self.scale))
+        self.initialize_from(self.observer)
         self.initialized.fill_(True)
         self.observer = None
         self.mode = Mode.QUANTIZE
+
+    @torch.no_grad()
+    def initialize_from(self, observer: Observer) -> None:
+        """Take the step size from ``observer``. A channel that saw only zeros (a weight scaled by
+        a zero-initialised BN gamma under folding) gets the median step of the others, so it can
+        still learn once its weights move."""
+        scale = observer.compute_scale(self.qmin, self.qmax).to(self.scale)
+        empty = scale <= MIN_STEP
+        if self.per_channel and empty.any() and not empty.all():
+            scale[empty] = scale[~empty].median()
+        self.scale.copy_(scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode is Mode.OBSERVE:
@@ -133,7 +145,76 @@ class FakeQuantizer(nn.Module):
 
 @register_quantizer("lsq")
 class LSQQuantizer(FakeQuantizer):
-    """Learned Step Size Quantization (Esser et al., 2020): the step size is trained."""
+    """Learned Step Size Quantization (Esser et al., 2020): the step is learned by gradient
+    descent."""
+
+
+@register_quantizer("lsq_plus")
+class LSQPlusQuantizer(FakeQuantizer):
+    """LSQ+ (Bhalgat et al., 2020): a learned step and a learned offset, for asymmetric ranges
+    such as the outputs of Swish/GELU.
+
+    The offset is learned as a float zero point in code units and rounded with a straight-through
+    estimator on every use, so the grid is always ``scale * ([qmin, qmax] - z)`` with integer
+    ``z`` in ``[qmin, qmax]``: exactly an ONNX QuantizeLinear/DequantizeLinear pair with that zero
+    point. Its gradient is LSQ+'s: zero for values inside the range, ``-scale`` per clipped value.
+    Activations only (weights keep symmetric grids, so integer convs need no weight zero point).
+    """
+
+    weight_capable = False
+
+    def __init__(self, spec: QuantSpec, channels: int = 1, axis: int = 0) -> None:
+        super().__init__(spec, channels=channels, axis=axis)
+        self.offset = nn.Parameter(torch.zeros_like(self.scale), requires_grad=spec.learn_step)
+
+    def zero_point(self) -> torch.Tensor:
+        bounded = self.offset.clamp(self.qmin, self.qmax)
+        return bounded + (torch.round(bounded) - bounded).detach()
+
+    @torch.no_grad()
+    def initialize_from(self, observer: Observer) -> None:
+        scale, zero_point = observer.compute_affine(self.qmin, self.qmax)
+        self.scale.copy_(scale.to(self.scale))
+        self.offset.copy_(zero_point.to(self.offset))
+
+    @torch.no_grad()
+    def track_range(self, x: torch.Tensor) -> None:
+        """A step that is not learned follows the data: an exponential moving average of the
+        batch's min and max moves the (asymmetric) range. The offset is kept unrounded (it is
+        rounded on use), so small moves accumulate instead of being rounded away."""
+        low = (self.qmin - self.offset) * self.scale
+        high = (self.qmax - self.offset) * self.scale
+        low = low.lerp(x.min().expand_as(low), self.RANGE_MOMENTUM).clamp(max=0.0)
+        high = high.lerp(x.max().expand_as(high), self.RANGE_MOMENTUM).clamp(min=0.0)
+        scale = ((high - low) / (self.qmax - self.qmin)).clamp_min(MIN_STEP)
+        self.scale.copy_(scale)
+        self.offset.copy_((self.qmin - low / scale).clamp(self.qmin, self.qmax))
+
+
+@register_quantizer("pact")
+class PACTQuantizer(FakeQuantizer):
+    """PACT (Choi et al., 2018): a learned clipping level ``alpha``, uniform levels below it.
+
+    Expressed on the ONNX grid: the learned parameter is the step ``scale = alpha / qmax``, so
+    the output ``scale * clamp(round(x / scale), qmin, qmax)`` is exactly a QDQ pair, clipping at
+    ``alpha`` (and at ``scale * qmin`` for a signed grid). Gradients are PACT's: straight-through
+    for ``x`` inside the range, and for alpha 1 per value clipped above (``qmin / qmax`` below),
+    0 inside, with no LSQ gradient scaling. Activations only.
+    """
+
+    weight_capable = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode is not Mode.QUANTIZE:
+            return super().forward(x)
+        scale = self.broadcast(self.step_size(), x)
+        out = fake_quantize(x, scale.detach(), self.qmin, self.qmax)
+        with torch.no_grad():
+            scaled = x / scale
+            clipped = torch.where(scaled > self.qmax, float(self.qmax), 0.0)
+            clipped = torch.where(scaled < self.qmin, float(self.qmin), clipped)
+        # d out / d scale = the clipped code (qmax * d alpha), exactly 0 in value
+        return out + (scale - scale.detach()) * clipped
 
 
 def make_quantizer(spec: QuantSpec, channels: int = 1, axis: int = 0) -> FakeQuantizer:

@@ -9,6 +9,7 @@ from mecqtk.recipe.loader import (
     resolve_recipe_path,
 )
 from mecqtk.recipe.schema import (
+    BatchNormConfig,
     CalibrationConfig,
     DistillConfig,
     LayerMatch,
@@ -19,11 +20,13 @@ from mecqtk.recipe.schema import (
     QuantizerConfig,
     QuantizerOverride,
     Recipe,
+    ResidualConfig,
     ScheduleConfig,
     TrainConfig,
 )
 
 __all__ = [
+    "BatchNormConfig",
     "CalibrationConfig",
     "DistillConfig",
     "LayerMatch",
@@ -34,6 +37,7 @@ __all__ = [
     "QuantizerConfig",
     "QuantizerOverride",
     "Recipe",
+    "ResidualConfig",
     "ScheduleConfig",
     "TrainConfig",
     "bundled_recipe_dir",

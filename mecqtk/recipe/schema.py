@@ -26,6 +26,12 @@ def _observer_names() -> list[str]:
     return list(OBSERVERS)
 
 
+def _weight_capable(name: str) -> bool:
+    from mecqtk.quant.registry import QUANTIZERS
+
+    return getattr(QUANTIZERS.get(name), "weight_capable", True)
+
+
 Granularity = Literal["per_tensor", "per_channel"]
 Signedness = Literal["auto", "signed", "unsigned"]
 OpKind = Literal["conv", "linear", "matmul", "add", "cat", "pool"]
@@ -94,6 +100,51 @@ def _default_rules() -> tuple[LayerRule, ...]:
     )
 
 
+JunctionOp = Literal["add", "cat", "pool"]
+
+
+@dataclass(frozen=True)
+class ResidualConfig:
+    """Quantization of the junctions between layers: residual Add and Concat (each operand that is
+    not already quantized, and the result) and pooling inputs.
+
+    With these quantized, an exported graph can run every conv on integer kernels (a conv's output
+    reaches a QuantizeLinear through at most BN and an activation). Per-tensor, signed unless the
+    value is provably non-negative; ``quant.rules`` with ``op: [add]`` (etc.) override or skip.
+    """
+
+    enabled: bool = constrained(True, doc="quantize residual add/cat outputs and pool inputs")
+    ops: tuple[JunctionOp, ...] = constrained(
+        ("add", "cat", "pool"), doc="which junctions: add (tensor + tensor), cat, pool"
+    )
+    bits: int = constrained(8, ge=2, le=8, doc="bit width of junction quantizers")
+    quantizer: str = constrained("lsq", choices=_quantizer_names, doc="quantizer by registry name")
+    observer: str = constrained(
+        "mse", choices=_observer_names, doc="how the step size is initialised by calibration"
+    )
+    learn_step: bool = constrained(
+        False, doc="train junction steps; by default 8-bit steps stay calibrated, like the "
+        "first/last layers' (a learning rate for 2-bit steps is far too large for them)"
+    )
+
+    def as_quantizer(self) -> QuantizerConfig:
+        return QuantizerConfig(bits=self.bits, quantizer=self.quantizer,
+                               granularity="per_tensor", observer=self.observer, signed="auto",
+                               learn_step=self.learn_step)
+
+
+@dataclass(frozen=True)
+class BatchNormConfig:
+    """BatchNorm after a Conv/Linear during QAT. By default BN stays as is (folded exactly at
+    export); ``fold`` simulates the folding during training instead, so the quantizer sees the
+    folded weight ``w * gamma / sigma`` an integer kernel will use. Gamma is never divided by."""
+
+    fold: bool = constrained(False, doc="simulate conv-BN folding during QAT")
+    freeze_epoch: int | None = constrained(
+        None, ge=0, doc="epoch from which folded BN running statistics are frozen (null: never)"
+    )
+
+
 @dataclass(frozen=True)
 class CalibrationConfig:
     batches: int = constrained(4, ge=1, doc="batches of training data seen before training")
@@ -106,14 +157,35 @@ class QuantConfig:
     )
     activation: QuantizerConfig = field(default_factory=QuantizerConfig)
     rules: tuple[LayerRule, ...] = field(default_factory=_default_rules)
+    residual: ResidualConfig = field(default_factory=ResidualConfig)
+    batchnorm: BatchNormConfig = field(default_factory=BatchNormConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     leaf_modules: tuple[str, ...] = constrained(
         (), doc="class names the tracer keeps whole (their inner Conv/Linear stay quantized)"
+    )
+    auto_leaf: bool = constrained(
+        True, doc="keep a submodule whole when tracing fails inside it, instead of stopping"
     )
 
     def __post_init__(self) -> None:
         if self.weight.signed == "unsigned":
             raise RecipeError("weight.signed: weights are always signed; use signed or auto")
+        if self.activation.granularity != "per_tensor":
+            raise RecipeError("activation.granularity: activations are quantized per tensor; "
+                              "use per_tensor")
+        weights = [("weight", self.weight.quantizer)] + [
+            (f"rules[{i}].weight", r.weight.quantizer) for i, r in enumerate(self.rules)
+        ]
+        for key, name in weights:
+            if name is not None and not _weight_capable(name):
+                raise RecipeError(f"{key}.quantizer: {name!r} quantizes activations only; "
+                                  "use lsq for weights")
+        for i, rule in enumerate(self.rules):
+            if rule.weight.signed == "unsigned":
+                raise RecipeError(f"rules[{i}].weight.signed: weights are always signed")
+            if rule.activation.granularity == "per_channel":
+                raise RecipeError(f"rules[{i}].activation.granularity: activations are "
+                                  "quantized per tensor")
 
 
 @dataclass(frozen=True)

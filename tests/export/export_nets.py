@@ -110,6 +110,7 @@ def images(n: int, seed: int = 1) -> torch.Tensor:
 def write_run(folder: Path, model_name: str, recipe_dict_bits: tuple[int, int],
               input_size: tuple[int, int, int] = (3, 32, 32)) -> Path:
     """A run folder as `mecqtk quantize` leaves it (calibrated on random data, not trained)."""
+    from mecqtk.export import snap_biases
     from mecqtk.models import create_model
 
     torch.manual_seed(0)
@@ -117,6 +118,7 @@ def write_run(folder: Path, model_name: str, recipe_dict_bits: tuple[int, int],
     rec = recipe(*recipe_dict_bits)
     gm = prepare(model, rec)
     calibrate(gm, [torch.randn(8, *input_size)])
+    snap_biases(gm.eval())  # as `mecqtk quantize` ends
     run = RunDir(folder)
     folder.mkdir(parents=True, exist_ok=True)
     run.write_recipe(rec)

@@ -1,0 +1,267 @@
+"""Check a model against a recipe without training: what is quantized, and does it run.
+
+:func:`explain` only prepares the model and reports per layer. :func:`doctor` goes on to set
+BatchNorm statistics and calibrate on one random batch, run one forward and backward pass (and an
+eval-mode forward), and checks that outputs and gradients are finite and that every quantized
+layer actually ran.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from mecqtk.errors import GraphError
+from mecqtk.graph.pipeline import prepare
+from mecqtk.graph.report import QuantReport, quant_report
+from mecqtk.quant.calibrate import calibrate, calibrate_weights
+from mecqtk.quant.modules import QuantizedLayer
+from mecqtk.quant.quantizers import FakeQuantizer, Mode
+from mecqtk.recipe import Recipe, load_recipe
+
+DEFAULT_RECIPE = "w4a4_lsq.yaml"
+# Weight step sizes for the check come from min-max: per-channel MSE on millions of weights
+# takes most of a minute on a CPU. Activations use the recipe's own observers, as training does.
+CHECK_WEIGHT_OBSERVER = "minmax"
+
+
+def build_model(name: str) -> nn.Module:
+    """A timm (or mecqtk CIFAR) model by name, randomly initialised, with its default classes."""
+    import timm
+
+    from mecqtk.models import create_model
+
+    cfg = timm.models.get_pretrained_cfg(name, allow_unregistered=True)
+    num_classes = getattr(cfg, "num_classes", None) or 1000
+    return create_model(name, num_classes=num_classes)
+
+
+def _recipe(recipe: str | Recipe | None) -> Recipe:
+    if isinstance(recipe, Recipe):
+        return recipe
+    return load_recipe(recipe or DEFAULT_RECIPE)
+
+
+@dataclass(frozen=True)
+class Explanation:
+    model: str
+    recipe: str
+    report: QuantReport
+
+
+def explain(model: str, recipe: str | Recipe | None = None) -> Explanation:
+    """Prepare ``model`` with ``recipe`` and report, per layer, what is quantized and how.
+
+    Raises:
+        ModelError: unknown model name. GraphError: the model cannot be traced.
+
+    Example:
+        >>> explain("resnet18", "w2a2_lsq.yaml").report.layers_quantized
+        21
+    """
+    loaded = _recipe(recipe)
+    float_model = build_model(model)
+    return Explanation(model, loaded.name, quant_report(float_model, prepare(float_model, loaded)))
+
+
+@dataclass(frozen=True)
+class DoctorResult:
+    """Everything ``mecqtk doctor`` found; :meth:`as_json` is its machine-readable form."""
+
+    model: str
+    recipe: str
+    input_size: tuple[int, ...]
+    traced: bool
+    forward_ok: bool = False
+    backward_ok: bool = False
+    error: str | None = None
+    auto_leaves: tuple[str, ...] = ()
+    report: QuantReport | None = None
+    not_run: tuple[str, ...] = ()
+    seconds: float = 0.0
+    ops: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def layers_total(self) -> int:
+        return self.report.layers_total if self.report else 0
+
+    @property
+    def layers_quantized(self) -> int:
+        return self.report.layers_quantized if self.report else 0
+
+    @property
+    def float_layers(self) -> list[dict[str, str]]:
+        if not self.report:
+            return []
+        return [{"name": r.name, "reason": r.float_reason or ""} for r in self.report.layers_float]
+
+    @property
+    def ok(self) -> bool:
+        """Traced, ran forward and backward with finite values, every layer quantized and run."""
+        return (self.traced and self.forward_ok and self.backward_ok and not self.float_layers
+                and not self.not_run)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model, "recipe": self.recipe, "input_size": list(self.input_size),
+            "ok": self.ok, "traced": self.traced, "needed_leaves": bool(self.auto_leaves),
+            "auto_leaves": list(self.auto_leaves), "forward_ok": self.forward_ok,
+            "backward_ok": self.backward_ok, "layers_total": self.layers_total,
+            "layers_quantized": self.layers_quantized, "layers_float": len(self.float_layers),
+            "float_layers": self.float_layers,
+            "layers_not_run": list(self.not_run), "quantized_ops": self.ops,
+            "error": self.error, "seconds": round(self.seconds, 2),
+        }
+
+
+def _input_size(model: nn.Module, image_size: int | None) -> tuple[int, ...]:
+    size = tuple(getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224)))
+    if image_size is not None:
+        size = (size[0], *([image_size] * (len(size) - 1)))
+    return size
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
+
+
+@torch.no_grad()
+def _settle_batchnorm(qmodel: nn.Module, x: torch.Tensor) -> None:
+    """Set BN running statistics from ``x``: weights quantized (calibrated first), activations
+    float, one forward in train mode with a cumulative average.
+
+    A randomly initialised model has running mean 0 and variance 1 everywhere, so eval-mode
+    calibration would see activations at a scale training never produces and pick steps that
+    round everything to zero. A trained checkpoint's statistics match its data; this mimics that.
+    """
+    calibrate_weights(qmodel, CHECK_WEIGHT_OBSERVER)
+    norms = [m for m in qmodel.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             and m.track_running_stats]
+    weights = {id(m.weight_quantizer) for m in qmodel.modules() if isinstance(m, QuantizedLayer)}
+    quantizers = [m for m in qmodel.modules()
+                  if isinstance(m, FakeQuantizer) and id(m) not in weights]
+    saved = [(m, m.momentum) for m in norms]
+    modes = [(q, q.mode) for q in quantizers]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None
+    for quantizer in quantizers:
+        quantizer.mode = Mode.BYPASS
+    qmodel.train()
+    try:
+        qmodel(x)
+    finally:
+        for norm, momentum in saved:
+            norm.momentum = momentum
+        for quantizer, mode in modes:
+            quantizer.mode = mode
+
+
+def _run_once(qmodel: nn.Module, x: torch.Tensor) -> tuple[bool, bool, tuple[str, ...], str | None]:
+    """Calibrate on ``x``, one forward + backward in train mode, one forward in eval mode;
+    (forward_ok, backward_ok, quantized layers that never ran, error)."""
+    ran: set[str] = set()
+    hooks = [m.register_forward_hook(lambda mod, *_, name=n: ran.add(name))
+             for n, m in qmodel.named_modules() if isinstance(m, QuantizedLayer)]
+    try:
+        _settle_batchnorm(qmodel, x)
+        calibrate(qmodel, [x], weight_observer=CHECK_WEIGHT_OBSERVER)
+        qmodel.train()
+        out = qmodel(x)
+        outputs = out if isinstance(out, tuple | list) else (out,)
+        finite = all(torch.isfinite(o).all() for o in outputs if isinstance(o, torch.Tensor))
+        if not finite:
+            return False, False, (), "forward output is not finite"
+        sum(o.float().sum() for o in outputs if isinstance(o, torch.Tensor)).backward()
+    except Exception as err:  # the point of doctor is to report any failure, not to raise it
+        return bool(ran), False, (), _first_line(err)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    grads = [p.grad for p in qmodel.parameters() if p.grad is not None]
+    if not grads or not all(torch.isfinite(g).all() for g in grads):
+        return True, False, (), "gradients are missing or not finite"
+    layers = [n for n, m in qmodel.named_modules() if isinstance(m, QuantizedLayer)]
+    not_run = tuple(n for n in layers if n not in ran)
+    try:  # the graph was traced in train mode: eval (running BN statistics) must work too
+        qmodel.eval()
+        with torch.no_grad():
+            out = qmodel(x)
+        outputs = out if isinstance(out, tuple | list) else (out,)
+        if not all(torch.isfinite(o).all() for o in outputs if isinstance(o, torch.Tensor)):
+            return False, True, not_run, "eval-mode output is not finite"
+    except Exception as err:
+        return False, True, not_run, f"eval mode: {_first_line(err)}"
+    return True, True, not_run, None
+
+
+def check_model(
+    float_model: nn.Module,
+    recipe: str | Recipe | None = None,
+    *,
+    input_size: tuple[int, ...] | None = None,
+    name: str | None = None,
+    batch_size: int = 2,
+    seed: int = 0,
+) -> DoctorResult:
+    """:func:`doctor` for a model object (built with whatever arguments it needs).
+
+    Example:
+        >>> check_model(timm.create_model("vit_tiny_patch16_224", img_size=32)).ok
+        True
+    """
+    start = time.perf_counter()
+    loaded = _recipe(recipe)
+    size = input_size or _input_size(float_model, None)
+    name = name or type(float_model).__name__
+    try:
+        qmodel = prepare(float_model, loaded)
+    except GraphError as err:
+        return DoctorResult(name, loaded.name, size, traced=False, error=str(err),
+                            seconds=time.perf_counter() - start)
+    report = quant_report(float_model, qmodel)
+    ops: dict[str, int] = {}
+    for row in report.rows:
+        if row.quantized and row.kind not in ("conv", "linear"):
+            ops[row.kind] = ops.get(row.kind, 0) + 1
+    torch.manual_seed(seed)
+    x = torch.randn(batch_size, *size)
+    forward_ok, backward_ok, not_run, error = _run_once(qmodel, x)
+    return DoctorResult(
+        name, loaded.name, size, traced=True, forward_ok=forward_ok, backward_ok=backward_ok,
+        error=error, auto_leaves=report.auto_leaves, report=report, not_run=not_run,
+        seconds=time.perf_counter() - start, ops=ops,
+    )
+
+
+def doctor(
+    model: str,
+    recipe: str | Recipe | None = None,
+    *,
+    image_size: int | None = None,
+    batch_size: int = 2,
+    seed: int = 0,
+) -> DoctorResult:
+    """Trace and quantize ``model``, run it once forward and backward, and report.
+
+    Calibration (min-max, on the same random batch) comes first, so step sizes are realistic.
+    Failures to trace or run are reported in the result, not raised; an unknown model name or a
+    bad recipe raise (ModelError / RecipeError).
+
+    Example:
+        >>> result = doctor("resnet18", "w2a2_lsq.yaml", image_size=64)
+        >>> result.ok, result.layers_total
+        (True, 21)
+    """
+    start = time.perf_counter()
+    loaded = _recipe(recipe)
+    float_model = build_model(model)
+    result = check_model(float_model, loaded, input_size=_input_size(float_model, image_size),
+                         name=model, batch_size=batch_size, seed=seed)
+    return dataclasses.replace(result, seconds=time.perf_counter() - start)

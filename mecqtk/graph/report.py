@@ -1,0 +1,158 @@
+"""What a prepared model quantizes, layer by layer, and what it leaves float and why.
+
+Built from the annotations (node metadata of every graph, eager-layer decisions) and checked
+against the original model, so a Conv/Linear that the graph never calls (unused, or whose weight
+is read by functional code) is reported instead of silently staying float.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.fx as fx
+from torch import nn
+
+from mecqtk.graph.insert import ACT_PREFIX, WEIGHT_PREFIX
+from mecqtk.graph.meta import NodeQuant, get_quant, graph_info
+from mecqtk.quant.modules import QuantizedLayer, is_quantizable_layer
+
+NOT_CALLED = "never called as a module by the traced forward (unused, or read by functional code)"
+LAYER_KINDS = ("conv", "linear")
+QUANTIZER_PREFIXES = (ACT_PREFIX, WEIGHT_PREFIX)
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    """One quantizable layer or op of the model.
+
+    ``op`` is the layer class with its conv shape (``Conv2d 3x3 dw``) or the op's kind;
+    ``inputs`` holds one entry per quantized operand ("-" where an operand is left as is);
+    ``float_reason`` is None when the row is quantized. ``eager`` marks layers run by leaf code
+    (quantized by module swap, input quantizer included).
+    """
+
+    name: str
+    kind: str
+    op: str
+    weight: str | None
+    inputs: tuple[str, ...]
+    output: str | None
+    float_reason: str | None = None
+    eager: bool = False
+
+    @property
+    def quantized(self) -> bool:
+        return self.float_reason is None
+
+
+@dataclass(frozen=True)
+class QuantReport:
+    rows: tuple[LayerRow, ...]
+    auto_leaves: tuple[str, ...]
+
+    @property
+    def layers(self) -> list[LayerRow]:
+        return [r for r in self.rows if r.kind in LAYER_KINDS]
+
+    @property
+    def layers_total(self) -> int:
+        return len(self.layers)
+
+    @property
+    def layers_quantized(self) -> int:
+        return sum(r.quantized for r in self.layers)
+
+    @property
+    def layers_float(self) -> list[LayerRow]:
+        return [r for r in self.layers if not r.quantized]
+
+
+def describe_layer(layer: nn.Module) -> str:
+    """``Conv2d 3x3 dw``, ``StdConv2d 1x1 g4``, ``Linear``: class, kernel and grouping."""
+    if isinstance(layer, QuantizedLayer):
+        layer = layer.layer
+    text = type(layer).__name__
+    if isinstance(layer, nn.modules.conv._ConvNd):
+        text += " " + "x".join(str(k) for k in layer.kernel_size)
+        if layer.groups > 1:
+            depthwise = layer.groups == layer.in_channels
+            text += " dw" if depthwise else f" g{layer.groups}"
+    return text
+
+
+def _row(name: str, quant: NodeQuant, op: str, eager: bool = False) -> LayerRow:
+    return LayerRow(
+        name=name,
+        kind=quant.kind,
+        op=op,
+        weight=quant.weight.describe() if quant.weight else None,
+        inputs=tuple(s.describe() for s in quant.inputs if s is not None),
+        output=quant.output.describe() if quant.output else None,
+        float_reason=quant.skipped,
+        eager=eager,
+    )
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _annotated_rows(qmodel: fx.GraphModule, originals: dict[str, nn.Module]) -> list[LayerRow]:
+    """Rows in execution order: graph order, with the interior of a leaf module (its nested
+    graphs and eager layers) spliced in where the leaf is called."""
+    rows: list[LayerRow] = []
+
+    def graph_rows(gm: fx.GraphModule, prefix: str) -> None:
+        eager = graph_info(gm).eager_layers
+        for node in gm.graph.nodes:
+            quant = get_quant(node)
+            if quant is not None:
+                name = _join(prefix, quant.module_name)
+                op = (describe_layer(originals.get(name) or qmodel.get_submodule(name))
+                      if quant.kind in LAYER_KINDS else quant.kind)
+                if quant.weight_input is not None:
+                    op += " (functional)"
+                if quant.bn is not None:
+                    op += " + folded BN"
+                rows.append(_row(name, quant, op))
+            elif node.op == "call_module" and not node.target.startswith(QUANTIZER_PREFIXES):
+                leaf_rows(gm, gm.get_submodule(node.target), str(node.target), prefix, eager)
+
+    def leaf_rows(gm: fx.GraphModule, module: nn.Module, local: str, prefix: str,
+                  eager: dict[str, NodeQuant]) -> None:
+        if local in eager:
+            name = _join(prefix, local)
+            rows.append(_row(name, eager[local], describe_layer(module), eager=True))
+            return
+        for child_name, child in module.named_children():
+            path = f"{local}.{child_name}"
+            if isinstance(child, fx.GraphModule):
+                graph_rows(child, _join(prefix, path))
+            else:
+                leaf_rows(gm, child, path, prefix, eager)
+
+    graph_rows(qmodel, "")
+    return rows
+
+
+def quant_report(model: nn.Module, qmodel: fx.GraphModule) -> QuantReport:
+    """Rows for every annotated layer/op of ``qmodel`` (prepared from ``model``) in execution
+    order, then a float row for every Conv/Linear of ``model`` that no annotation covers.
+
+    Example:
+        >>> report = quant_report(model, prepare(model, recipe))
+        >>> report.layers_quantized == report.layers_total
+        True
+    """
+    rows: dict[str, LayerRow] = {}
+    for row in _annotated_rows(qmodel, dict(model.named_modules())):
+        rows.setdefault(row.name, row)
+    for name, module in model.named_modules():
+        if is_quantizable_layer(module) and name not in rows:
+            rows[name] = LayerRow(name=name, kind=_kind(module), op=describe_layer(module),
+                                  weight=None, inputs=(), output=None, float_reason=NOT_CALLED)
+    return QuantReport(rows=tuple(rows.values()), auto_leaves=graph_info(qmodel).auto_leaves)
+
+
+def _kind(module: nn.Module) -> str:
+    return "linear" if isinstance(module, nn.Linear) else "conv"

@@ -1,0 +1,123 @@
+"""Residual add, concat and pooling annotations (quant.residual) and their insertion."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mecqtk.errors import RecipeError
+from mecqtk.graph import annotate, annotated_nodes, get_quant, prepare, trace
+from mecqtk.graph.ops import node_arguments
+from mecqtk.quant.quantizers import FakeQuantizer
+from mecqtk.recipe import QuantConfig, recipe_from_dict
+
+
+class Residual(nn.Module):
+    """conv -> bn -> relu -> conv, plus the block input; then a cat and a pool."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(4, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        y = self.conv2(torch.relu(self.bn(self.conv1(x))))
+        s = y + x
+        t = s + torch.relu(s)  # one operand already quantized (s), one not
+        c = torch.cat([t, torch.relu(x)], dim=1)
+        p = self.pool(c)
+        return self.fc(F.adaptive_avg_pool2d(p, 1).flatten(1)) + x.shape[1]
+
+
+def _decisions(gm):
+    return {d.kind + ":" + n.name: d for n, d in annotated_nodes(gm)}
+
+
+def test_add_cat_pool_are_annotated_with_8bit_specs():
+    gm = annotate(trace(Residual()), QuantConfig())
+    found = _decisions(gm)
+    add = found["add:add"]
+    assert [s.bits for s in add.inputs] == [8, 8] and add.output.bits == 8
+    assert add.inputs[0].signed and add.inputs[1].signed  # conv output and raw input: signed
+    assert add.module_name == "add"
+    second = found["add:add_1"]
+    # s is the output of a quantized add: already on a grid, so not requantized
+    assert second.inputs[0] is None and second.inputs[1] is not None
+    assert not second.inputs[1].signed  # relu output: provably non-negative -> unsigned
+    cat = found["cat:cat"]
+    assert cat.inputs[0] is None  # t is an annotated add output
+    assert cat.inputs[1].bits == 8 and not cat.inputs[1].signed
+    assert cat.output.bits == 8 and cat.output.granularity == "per_tensor"
+    assert found["pool:pool"].inputs[0] is None  # cat output is already quantized
+    adaptive = found["pool:adaptive_avg_pool2d"]
+    assert adaptive.inputs[0].bits == 8 and adaptive.output is None
+    # x.shape[1] + <tensor> is a shape value plus a tensor: must not be touched
+    assert not any(n.name == "add_2" for n, _ in annotated_nodes(gm))
+
+
+def test_insert_wires_quantizers_into_add_and_cat_operands():
+    qmodel = prepare(Residual(), QuantConfig())
+    graph = {n.name: n for n in qmodel.graph.nodes}
+    modules = dict(qmodel.named_modules())
+    add_args = node_arguments(graph["add"])
+    assert all(isinstance(modules[a.target], FakeQuantizer) for a in add_args)
+    # every consumer of the add sees its quantized output
+    assert all(u.op == "call_module" and u.target.startswith("aq_") for u in graph["add"].users)
+    cat_pieces = graph["cat"].args[0]
+    assert all(p.op == "call_module" and p.target.startswith("aq_") for p in cat_pieces)
+    out = qmodel(torch.randn(2, 4, 8, 8))
+    out.sum().backward()
+    assert torch.isfinite(out).all()
+    # 8-bit junction steps are calibrated, not learned (quant.residual.learn_step: false)
+    assert not modules[next(iter(graph["add"].users)).target].scale.requires_grad
+
+
+def test_residual_section_can_disable_ops_and_rules_can_skip():
+    config = recipe_from_dict({"quant": {
+        "residual": {"ops": ["add"], "bits": 6},
+        "rules": [{"match": {"name": "add_1", "op": ["add"]}, "skip": True}],
+    }}).quant
+    found = _decisions(annotate(trace(Residual()), config))
+    assert found["add:add"].output.bits == 6
+    assert found["add:add_1"].skipped == "recipe rule quant.rules[0] skips it"
+    assert not any(k.startswith(("cat:", "pool:")) for k in found)
+    off = recipe_from_dict({"quant": {"residual": {"enabled": False}}}).quant
+    assert {d.kind for _, d in annotated_nodes(annotate(trace(Residual()), off))} == {
+        "conv", "linear"}
+
+
+def test_residual_section_is_validated():
+    with pytest.raises(RecipeError, match=r"quant.residual.bits: 9 is out of range"):
+        recipe_from_dict({"quant": {"residual": {"bits": 9}}})
+    with pytest.raises(RecipeError, match=r"quant.residual.ops\[0\]: 'mul' is not allowed"):
+        recipe_from_dict({"quant": {"residual": {"ops": ["mul"]}}})
+
+
+class Attention(nn.Module):
+    def forward(self, q, k, mask):
+        logits = q @ k.transpose(-2, -1)
+        return (logits + mask).softmax(-1)
+
+
+def test_attention_logit_add_is_left_float_with_reason():
+    gm = annotate(trace(Attention()), QuantConfig())
+    add = next(q for n, q in annotated_nodes(gm) if q.kind == "add")
+    assert add.skipped is not None and "softmax" in add.skipped
+
+
+def test_resnet18_block_structure():
+    timm = pytest.importorskip("timm")
+    gm = prepare(timm.create_model("resnet18"), QuantConfig())
+    adds = [(n, get_quant(n)) for n in gm.graph.nodes
+            if get_quant(n) is not None and get_quant(n).kind == "add"]
+    assert len(adds) == 8
+    for _, quant in adds:
+        assert quant.output is not None and quant.output.bits == 8
+    pools = [q for _, q in annotated_nodes(gm) if q.kind == "pool"]
+    assert [p.module_name for p in pools] == ["maxpool", "global_pool.pool"]
+    assert all(not p.inputs[0].signed for p in pools)  # both after a ReLU
