@@ -29,6 +29,7 @@ from mecqtk.io import append_jsonl, atomic_torch_save, atomic_write_text
 from mecqtk.models import create_model
 from mecqtk.progress import progress_bar, say
 from mecqtk.quant.arith import use_compiled_kernels
+from mecqtk.quant.bn_fold import bn_epoch_start
 from mecqtk.quant.calibrate import calibrate
 from mecqtk.recipe import Recipe, dump_recipe, load_recipe
 from mecqtk.rundir import RunDir, RunInfo, load_checkpoint
@@ -349,6 +350,7 @@ class _Run:
             epoch_start_step = epoch * self.steps_per_epoch
             done = self.global_step - epoch_start_step
             self.data.train_loader.set_epoch(epoch)
+            bn_epoch_start(self.qmodel, epoch, recipe.quant.batchnorm.freeze_epoch)
             epoch_started = time.perf_counter()
 
             def after_step(step: int, stats: EpochStats, epoch: int = epoch) -> None:
