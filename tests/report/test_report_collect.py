@@ -72,11 +72,13 @@ def test_w2a2_report_on_real_images(w2a2_report, report_images):
         assert 0 < entry.weight.entropy_bits <= 2
         assert 0 <= entry.input.clip_ratio < 0.5
         assert entry.local_sqnr_db < by_name["conv1"].local_sqnr_db
-    # no training happened: the float reference is the bypassed model itself, so the two
-    # accumulated-error measures agree and the float score equals the bypassed score
-    assert report.float_score == report.bypass_score
+    # no training happened: the bypassed model is the float model up to the bias snapping
+    # quantize does for the export (each bias moves by under half an int32 step), so the two
+    # references give nearly the same scores and accumulated errors
+    assert report.float_score.top1 == pytest.approx(report.bypass_score.top1, abs=1.0)
+    assert report.float_score.loss == pytest.approx(report.bypass_score.loss, rel=1e-2)
     for entry in report.layers:
-        assert entry.output_sqnr_db == pytest.approx(entry.output_sqnr_bypass_db, abs=1e-6)
+        assert entry.output_sqnr_db == pytest.approx(entry.output_sqnr_bypass_db, abs=0.5)
     # the accumulated error only grows through the first block
     assert by_name["conv1"].output_sqnr_db > by_name["layer1.0.conv2"].output_sqnr_db
 
