@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,3 +19,13 @@ def shared_dir() -> Path:
     if not (path / "data").is_dir():
         pytest.skip(f"shared data not found at {path}/data; set MECQTK_SHARED to the shared folder")
     return path
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run a test with one torch thread: on a busy 2-core machine two OpenMP threads that wait
+    on each other make small ops tens of times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -19,13 +19,8 @@ from mecqtk.recipe import recipe_from_dict
 SPEC = QuantSpec(bits=4, signed=True, granularity="per_channel")
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Two OpenMP threads on a busy 2-core machine make the resnet18 steps many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# two OpenMP threads on a busy 2-core machine make the resnet18 steps many times slower
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _folded(bias: bool = False):

@@ -1,14 +1,12 @@
 """Two gloo processes under torchrun reproduce one process with the same global batch."""
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from runs import quantize_command, quantize_env
 
 RECIPE = """
 quant:
@@ -26,16 +24,9 @@ mec: {enabled: true, view: teacher}
 
 
 def _run(shared_dir: Path, recipe: Path, out: Path, nproc: int) -> dict:
-    command = [
-        sys.executable, "-m", "mecqtk", "quantize", "--nproc", str(nproc),
-        "--model", "cifar_resnet20",
-        "--checkpoint", str(shared_dir / "data/weights/cifar-resnet/resnet20-12fca82f.th"),
-        "--recipe", str(recipe), "--data", f"imagefolder:{shared_dir / 'data/cifar10-jpeg'}",
-        "--limit-train", "320", "--limit-val", "100", "--out", str(out),
-        "--no-progress", "--no-report", "--no-export",
-    ]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    command = quantize_command(shared_dir, recipe, out, "--nproc", str(nproc))
+    result = subprocess.run(command, env=quantize_env(), capture_output=True, text=True,
+                            timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     return json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
 

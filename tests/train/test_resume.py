@@ -1,17 +1,15 @@
 """Kill a run with SIGKILL mid-epoch, resume it, and get what an uninterrupted run gets."""
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
+from runs import quantize_command, quantize_env
 
 RECIPE = """
 quant:
@@ -26,20 +24,6 @@ train:
   checkpoint_every_steps: 2
   fused_quantizers: false
 """
-
-
-def _command(shared_dir: Path, recipe: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable, "-m", "mecqtk", "quantize", "--model", "cifar_resnet20",
-        "--checkpoint", str(shared_dir / "data/weights/cifar-resnet/resnet20-12fca82f.th"),
-        "--recipe", str(recipe), "--data", f"imagefolder:{shared_dir / 'data/cifar10-jpeg'}",
-        "--limit-train", "320", "--limit-val", "100", "--out", str(out),
-        "--no-progress", "--no-report", "--no-export", *extra,
-    ]
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
 def _checkpoint_step(path: Path) -> int | None:
@@ -57,10 +41,10 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(shared_dir, tmp
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(RECIPE)
     reference, killed = tmp_path / "reference", tmp_path / "killed"
-    subprocess.run(_command(shared_dir, recipe, reference), env=_env(), check=True,
+    subprocess.run(quantize_command(shared_dir, recipe, reference), env=quantize_env(), check=True,
                    capture_output=True)
 
-    process = subprocess.Popen(_command(shared_dir, recipe, killed), env=_env(),
+    process = subprocess.Popen(quantize_command(shared_dir, recipe, killed), env=quantize_env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     # 10 steps per epoch: kill once a mid-epoch checkpoint of the second epoch is on disk
@@ -77,12 +61,12 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(shared_dir, tmp
     assert saved_step is not None and saved_step % 10 != 0  # really mid-epoch
     assert not (killed / "summary.json").exists()  # nothing that looks finished
 
-    refused = subprocess.run(_command(shared_dir, recipe, killed), env=_env(),
+    refused = subprocess.run(quantize_command(shared_dir, recipe, killed), env=quantize_env(),
                              capture_output=True, text=True)
     assert refused.returncode == 2 and "--resume" in refused.stderr
 
-    subprocess.run(_command(shared_dir, recipe, killed, "--resume"), env=_env(), check=True,
-                   capture_output=True)
+    subprocess.run(quantize_command(shared_dir, recipe, killed, "--resume"),
+                   env=quantize_env(), check=True, capture_output=True)
     summary = json.loads((killed / "summary.json").read_text())
     # only the steps after the last checkpoint were redone
     assert summary["resumed_from_step"] == saved_step
