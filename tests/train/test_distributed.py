@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from runs import quantize_command, quantize_env
+from run_helpers import quantize_command, quantize_env
 
 RECIPE = """
 quant:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from runs import quantize_command, quantize_env
+from run_helpers import quantize_command, quantize_env
 
 RECIPE = """
 quant:
