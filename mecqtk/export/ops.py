@@ -127,9 +127,30 @@ def _pool(ctx: Lowering, node: fx.Node, op_type: str, kernel: object, stride: ob
     kernel_shape = _pair(kernel, dims)
     strides = _pair(stride if stride not in (None, []) else kernel, dims)
     pads = _pair(padding, dims) * 2
-    return ctx.builder.node(op_type, [ctx.tensor(node.args[0], node)], node.name,
-                            kernel_shape=kernel_shape, strides=strides, pads=pads,
-                            ceil_mode=int(bool(ceil_mode)), **extra)
+    source = ctx.tensor(node.args[0], node)
+    grid = ctx.quantized.get(source) if op_type == "MaxPool" else None
+    name = node.name if grid is None else f"{node.name}_pooled"
+    pooled = ctx.builder.node(op_type, [source], name, kernel_shape=kernel_shape,
+                              strides=strides, pads=pads, ceil_mode=int(bool(ceil_mode)), **extra)
+    if grid is None or grid.axis is not None:
+        return pooled
+    return _regrid(ctx, node, pooled, source)
+
+
+def _regrid(ctx: Lowering, node: fx.Node, pooled: str, source: str) -> str:
+    """Max-pooling a quantized tensor picks values already on its grid: re-quantizing with the
+    input's own scale and zero point is exact, and it lets onnxruntime run the pool on the
+    integer codes (it drops a DequantizeLinear -> MaxPool -> QuantizeLinear with equal
+    parameters) instead of dequantizing the largest activation of the network to float."""
+    grid = ctx.quantized[source]
+    b = ctx.builder
+    scale = b.initializer(f"{node.name}_scale", grid.scale)
+    zero_point = b.initializer(f"{node.name}_zero_point", grid.storage_zero_point)
+    codes = b.node("QuantizeLinear", [pooled, scale, zero_point], f"{node.name}_codes")
+    output = b.node("DequantizeLinear", [codes, scale, zero_point], node.name,
+                    doc="max-pool output on its input's grid")
+    ctx.quantized[output] = grid
+    return output
 
 
 @module_handler(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)

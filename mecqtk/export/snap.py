@@ -29,6 +29,7 @@ from mecqtk.export.weights import (
     foldable_batchnorm,
     layer_terms,
 )
+from mecqtk.graph.ops import preserves_grid
 from mecqtk.quant.modules import QuantizedLayer
 from mecqtk.quant.quantizers import FakeQuantizer, Mode
 
@@ -56,7 +57,12 @@ class BiasGrid:
 def input_quantizer(node: fx.Node, modules: dict[str, nn.Module]) -> FakeQuantizer | None:
     """The per-tensor activation quantizer feeding ``node`` (through no-op modules), if any."""
     source = node.args[0] if node.args else None
-    while isinstance(source, fx.Node) and source.op == "call_module":
+    while isinstance(source, fx.Node):
+        if preserves_grid(source, modules):  # a max pool keeps its input's grid
+            source = source.args[0]
+            continue
+        if source.op != "call_module":
+            return None
         module = modules[str(source.target)]
         if isinstance(module, FakeQuantizer):
             ready = module.mode is Mode.QUANTIZE and module.axis is None

@@ -53,6 +53,56 @@ def _activation_quantizer(
     return node
 
 
+def _storage_plan(
+    requests: list[tuple[fx.Node, QuantSpec]],
+) -> dict[tuple[str, QuantSpec], QuantSpec | tuple[QuantSpec, QuantSpec]]:
+    """How each requested (value, spec) is realised when one value is asked for on several grids.
+
+    A deployed graph stores a tensor once, so: requests with the same bits and sign share one
+    quantizer (a trainable spec is preferred to a calibrated one, then the first asked for), and
+    a narrower grid of the same sign requantizes the widest one's output instead of the float
+    value (an 8-bit residual stream feeding a 4-bit conv). Unchained, the integer graph would
+    quantize the float value twice and onnxruntime could fuse neither the add before it nor the
+    ReLU between them. Maps each request to the spec it uses, or to (widest spec, own spec) when
+    it requantizes.
+    """
+    by_value: dict[str, list[QuantSpec]] = {}
+    for source, spec in requests:
+        specs = by_value.setdefault(source.name, [])
+        if spec not in specs:
+            specs.append(spec)
+    plan: dict[tuple[str, QuantSpec], QuantSpec | tuple[QuantSpec, QuantSpec]] = {}
+    for value, specs in by_value.items():
+        chosen: dict[tuple[int, bool], QuantSpec] = {}
+        for spec in sorted(specs, key=lambda s: not s.learn_step):  # stable: keeps request order
+            chosen.setdefault((spec.bits, spec.signed), spec)
+        for spec in specs:
+            own = chosen[(spec.bits, spec.signed)]
+            widest = max((s for (_, signed), s in chosen.items() if signed == spec.signed),
+                         key=lambda s: s.bits)
+            plan[(value, spec)] = own if widest is own else (widest, own)
+    return plan
+
+
+def _planned_quantizer(
+    gm: fx.GraphModule, source: fx.Node, spec: QuantSpec,
+    plan: dict[tuple[str, QuantSpec], QuantSpec | tuple[QuantSpec, QuantSpec]],
+    made: dict[tuple[str, QuantSpec], fx.Node],
+) -> fx.Node:
+    planned = plan.get((source.name, spec), spec)
+    if isinstance(planned, QuantSpec):
+        return _activation_quantizer(gm, source, planned, made)
+    widest, own = planned
+    stored = _activation_quantizer(gm, source, widest, made)
+    key = (source.name, own)
+    if key not in made:
+        name = f"{ACT_PREFIX}{source.name}_{'s' if own.signed else 'u'}{own.bits}"
+        gm.add_submodule(name, make_quantizer(own))
+        with gm.graph.inserting_after(stored):
+            made[key] = gm.graph.call_module(name, (stored,))
+    return made[key]
+
+
 def _fold_bn(gm: fx.GraphModule, node: fx.Node, name: str, bn_name: str,
              spec: QuantSpec) -> None:
     """Replace layer ``name`` by a FoldedBNLayer holding BN ``bn_name``; drop the BN node."""
@@ -88,6 +138,11 @@ def insert_quantizers(gm: fx.GraphModule) -> fx.GraphModule:
     for node, quant in annotated:  # BN nodes go first: later operands may name them
         if quant.quantized and quant.bn is not None and quant.weight is not None:
             _fold_bn(gm, node, quant.module_name, quant.bn, quant.weight)
+    plan = _storage_plan([
+        (node_arguments(node)[index], spec)
+        for node, quant in annotated if quant.quantized
+        for index, spec in enumerate(quant.inputs) if spec is not None
+    ])
     for node, quant in annotated:
         if not quant.quantized:
             continue
@@ -100,7 +155,7 @@ def insert_quantizers(gm: fx.GraphModule) -> fx.GraphModule:
         for index, spec in enumerate(quant.inputs):
             if spec is None:
                 continue
-            quantized = _activation_quantizer(gm, arguments[index], spec, made)
+            quantized = _planned_quantizer(gm, arguments[index], spec, plan, made)
             replace_node_argument(node, index, quantized)
         if quant.output is not None:
             users = list(node.users)

@@ -32,6 +32,9 @@ POOL_FUNCTIONS = {
     F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
     torch.max_pool1d, torch.max_pool2d, torch.max_pool3d, torch.avg_pool1d,
 }
+# Max pools the exporter lowers to MaxPool: their output lies on their input's integer grid.
+GRID_PRESERVING_POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+GRID_PRESERVING_POOL_FUNCTIONS = {F.max_pool2d}
 FUNCTIONAL_LAYERS = {F.linear: "linear", F.conv1d: "conv", F.conv2d: "conv", F.conv3d: "conv"}
 _SPATIAL_DIMS = ({2, 3}, {-2, -1}, {2, 3, 4}, {-3, -2, -1})
 
@@ -109,6 +112,17 @@ def layer_name(node: fx.Node, modules: dict[str, nn.Module]) -> str:
     """The layer a conv/linear node computes: its module, or the owner of its weight."""
     functional = functional_weight(node, modules)
     return functional[0] if functional else str(node.target)
+
+
+def preserves_grid(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node`` only picks values of its input (a max pool): a quantized input then
+    leaves its output on the same grid, so requantizing it on an equal grid is a no-op."""
+    if node.op == "call_module":
+        module = modules[str(node.target)]
+        return isinstance(module, GRID_PRESERVING_POOL_MODULES) and not module.return_indices
+    return node.op == "call_function" and node.target in GRID_PRESERVING_POOL_FUNCTIONS and not (
+        node.kwargs.get("return_indices") or (len(node.args) > 6 and node.args[6])
+    )
 
 
 def node_kind(node: fx.Node, modules: dict[str, nn.Module]) -> OpKind | None:

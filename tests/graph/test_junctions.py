@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mecqtk.errors import RecipeError
-from mecqtk.graph import annotate, annotated_nodes, get_quant, prepare, trace
+from mecqtk.graph import annotate, annotated_nodes, prepare, trace
 from mecqtk.graph.ops import node_arguments
 from mecqtk.quant.quantizers import FakeQuantizer
 from mecqtk.recipe import QuantConfig, recipe_from_dict
@@ -55,7 +55,8 @@ def test_add_cat_pool_are_annotated_with_8bit_specs():
     assert cat.output.bits == 8 and cat.output.granularity == "per_tensor"
     assert found["pool:pool"].inputs[0] is None  # cat output is already quantized
     adaptive = found["pool:adaptive_avg_pool2d"]
-    assert adaptive.inputs[0].bits == 8 and adaptive.output is None
+    # its input is the max pool of the quantized cat: already on that 8-bit grid
+    assert adaptive.inputs[0] is None and adaptive.output is None
     # x.shape[1] + <tensor> is a shape value plus a tensor: must not be touched
     assert not any(n.name == "add_2" for n, _ in annotated_nodes(gm))
 
@@ -110,14 +111,47 @@ def test_attention_logit_add_is_left_float_with_reason():
     assert add.skipped is not None and "softmax" in add.skipped
 
 
-def test_resnet18_block_structure():
+def _resnet18(activation_bits: int):
     timm = pytest.importorskip("timm")
-    gm = prepare(timm.create_model("resnet18"), QuantConfig())
-    adds = [(n, get_quant(n)) for n in gm.graph.nodes
-            if get_quant(n) is not None and get_quant(n).kind == "add"]
+    config = recipe_from_dict({"quant": {"activation": {"bits": activation_bits}}}).quant
+    return prepare(timm.create_model("resnet18"), config)
+
+
+def test_resnet18_block_sums_are_quantized_by_the_relu_consumers():
+    gm = _resnet18(4)
+    adds = [(n, q) for n, q in annotated_nodes(gm) if q.kind == "add"]
     assert len(adds) == 8
-    for _, quant in adds:
-        assert quant.output is not None and quant.output.bits == 8
+    for node, quant in adds:
+        # add -> ReLU -> (next convs, next add): the ReLU output is quantized by them, so
+        # quantizing the sum too would only add error and a float DQ -> ReLU -> Q on export.
+        assert quant.output is None
+        (relu,) = node.users
+        assert all(u.op == "call_module" and u.target.startswith("aq_") for u in relu.users)
     pools = [q for _, q in annotated_nodes(gm) if q.kind == "pool"]
     assert [p.module_name for p in pools] == ["maxpool", "global_pool.pool"]
-    assert all(not p.inputs[0].signed for p in pools)  # both after a ReLU
+    assert not pools[0].inputs[0].signed  # after a ReLU
+    assert pools[1].inputs[0].bits == 8 and not pools[1].inputs[0].signed
+
+
+def test_a_value_wanted_on_two_grids_is_stored_at_the_wider_one():
+    gm = _resnet18(4)
+    modules = dict(gm.named_modules())
+    graph = {n.name: n for n in gm.graph.nodes}
+    wide = graph["aq_layer1_0_act2"]  # the 8-bit residual stream after block layer1.0
+    narrow = graph["aq_layer1_0_act2_u4"]  # what layer1.1.conv1 reads
+    assert modules[wide.target].spec.bits == 8 and modules[narrow.target].spec.bits == 4
+    assert narrow.args[0] is wide  # the 4-bit grid requantizes the stored 8-bit tensor
+    assert graph["layer1_1_conv1"].args[0] is narrow and wide in graph["add_1"].args
+
+
+def test_equal_grids_share_one_quantizer_and_a_max_pool_keeps_its_input_grid():
+    gm = _resnet18(8)
+    graph = {n.name: n for n in gm.graph.nodes}
+    # conv input (learned step) and residual operand (calibrated step): one 8-bit quantizer
+    assert not any(name.startswith("aq_layer1_0_act2_") for name in graph)
+    assert graph["layer1_1_conv1"].args[0] is graph["aq_layer1_0_act2"]
+    # max-pooling the 8-bit quantized stem output picks values on its grid: no requantization
+    assert graph["layer1_0_conv1"].args[0] is graph["maxpool"]
+    assert graph["maxpool"].args[0] is graph["aq_act1"]
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.isfinite(gm(x)).all()

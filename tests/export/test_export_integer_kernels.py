@@ -1,0 +1,62 @@
+"""What onnxruntime makes of an exported ResNet: integer kernels end to end, not float islands.
+
+Speed on CPU comes from onnxruntime fusing DequantizeLinear -> op -> QuantizeLinear groups into
+its QLinear* kernels; a tensor left in float between two of them costs a dequantize, the float
+op and a quantize. These tests read the graph onnxruntime actually runs (its optimised copy).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from export_nets import randomize_batchnorms, recipe
+
+from mecqtk.export import export_model, snap_biases
+from mecqtk.graph import prepare
+from mecqtk.quant.calibrate import calibrate
+
+timm = pytest.importorskip("timm")
+SHAPE = (3, 32, 32)
+
+
+def _optimised_ops(model: onnx.ModelProto, folder) -> Counter:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    options.optimized_model_filepath = str(folder / "optimised.onnx")
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return Counter(node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_resnet18_runs_on_integer_kernels_only(bits, tmp_path, one_torch_thread):
+    torch.manual_seed(0)
+    model = randomize_batchnorms(timm.create_model("resnet18", num_classes=10))
+    gm = prepare(model, recipe(bits, bits))
+    calibrate(gm, [torch.randn(8, *SHAPE)])
+    snap_biases(gm.eval())  # as `mecqtk quantize` leaves a model: int32-exact biases
+    exported, _ = export_model(gm, SHAPE, "qcdq")
+    ops = _optimised_ops(exported, tmp_path)
+    assert ops["QLinearConv"] == 20 and ops["QLinearAdd"] == 8, ops
+    # no float conv, add, ReLU or max pool survives; the pool runs on the uint8 codes
+    assert not {"Conv", "Add", "Relu", "MaxPool"} & set(ops), ops
+    assert ops["NhwcMaxPool"] == 1 and ops["QGemm"] == 1, ops
+    # the only float round trips left: the image's quantize, and at 4 bits the requantization
+    # of the 8-bit residual stream for the 4-bit convs of the blocks with a shortcut add
+    assert ops["QuantizeLinear"] == 1 + (0 if bits == 8 else 5), ops
+    assert ops["DequantizeLinear"] == (0 if bits == 8 else 5), ops
+
+    session = ort.InferenceSession(exported.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    x = torch.randn(16, *SHAPE, generator=torch.Generator().manual_seed(3))
+    onnx_logits = session.run(None, {"input": x.numpy()})[0]
+    torch_logits = gm(x).detach().numpy()
+    assert (onnx_logits.argmax(1) == torch_logits.argmax(1)).mean() >= 15 / 16
+    spread = torch_logits.max() - torch_logits.min()
+    assert np.abs(onnx_logits - torch_logits).max() < 0.05 * spread
