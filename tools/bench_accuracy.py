@@ -1,0 +1,243 @@
+"""Top-1 of the bundled recipes on real CIFAR-10 under one identical training budget.
+
+Starting from the shared ResNet-20 checkpoint: a full-precision fine-tune on the JPEG training
+set (the FP reference), then from that fine-tuned model W4A4 LSQ, W2A2 LSQ, W2A2 LSQ + MEC and
+W2A2 LSQ + MEC with K experts (and, on request, the W2A2 rows with knowledge distillation). Every
+quantized run gets the same train section (epochs, batch, optimizer, lr schedule) and, per seed,
+the same seed; only the quant/mec/distill sections differ. Each run is a `mecqtk quantize`
+subprocess with its own run folder, so a killed benchmark resumes where it stopped.
+
+Prints a table (mean ± half the range over the seeds) and writes it, with the command and the
+wall time, between markers in docs/benchmarks.md.
+
+Example (the default budget, about an hour on 2 CPU cores):
+    python tools/bench_accuracy.py
+On a GPU, a longer budget:
+    python tools/bench_accuracy.py --device cuda --epochs 30 --seeds 0,1,2 --out runs/bench_gpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+REPO = Path(__file__).resolve().parents[1]
+BEGIN, END = "<!-- bench_accuracy:begin -->", "<!-- bench_accuracy:end -->"
+
+# The one training budget every quantized variant gets (epochs and seed are set per run).
+TRAIN = {
+    "batch_size": 128,
+    "optimizer": {"name": "sgd", "lr": 0.02, "momentum": 0.9, "nesterov": True,
+                  "weight_decay": 0.00005},
+    "schedule": {"name": "cosine", "warmup_epochs": 0.2},
+}
+FP_RECIPE = {
+    "name": "fp_finetune",
+    "description": "full-precision fine-tune: every layer and junction left in float",
+    "quant": {"rules": [{"match": {"name": "*"}, "skip": True}], "residual": {"enabled": False}},
+    "train": {**TRAIN, "optimizer": {**TRAIN["optimizer"], "weight_decay": 0.0001}},
+}
+KD = {"enabled": True}
+
+
+@dataclass(frozen=True)
+class Variant:
+    key: str
+    label: str
+    recipe: str
+    changes: dict[str, Any] = field(default_factory=dict)
+
+
+VARIANTS = {
+    v.key: v for v in (
+        Variant("w4a4_lsq", "W4A4 LSQ", "w4a4_lsq.yaml"),
+        Variant("w2a2_lsq", "W2A2 LSQ", "w2a2_lsq.yaml"),
+        Variant("w2a2_mec", "W2A2 LSQ + MEC", "w2a2_mec.yaml"),
+        Variant("w2a2_mec_k4", "W2A2 LSQ + MEC, K=4 experts", "w2a2_mec.yaml",
+                {"mec": {"experts": 4}}),
+        Variant("w2a2_lsq_kd", "W2A2 LSQ + KD", "w2a2_lsq.yaml", {"distill": KD}),
+        Variant("w2a2_mec_kd", "W2A2 LSQ + MEC + KD", "w2a2_mec.yaml", {"distill": KD}),
+    )
+}
+DEFAULT_VARIANTS = "w4a4_lsq,w2a2_lsq,w2a2_mec,w2a2_mec_k4"
+
+
+def shared_dir() -> Path:
+    override = os.environ.get("MECQTK_SHARED")
+    return Path(override) if override else REPO.parent / "shared"
+
+
+def merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = merged(out.get(key) or {}, value) if isinstance(value, dict) else value
+    return out
+
+
+def variant_recipe(variant: Variant, epochs: int, seed: int) -> dict[str, Any]:
+    recipe = yaml.safe_load((REPO / "recipes" / variant.recipe).read_text())
+    recipe = merged(recipe, variant.changes)
+    recipe["name"] = variant.key
+    recipe["train"] = {**TRAIN, "epochs": epochs, "seed": seed}
+    return recipe
+
+
+def run_quantize(name: str, recipe: dict[str, Any], checkpoint: Path, args: argparse.Namespace,
+                 console: Console) -> dict[str, Any]:
+    """One `mecqtk quantize` run; its summary (reused when the run already finished)."""
+    folder = args.out / name
+    summary = folder / "summary.json"
+    if summary.is_file():
+        console.print(f"[dim]{name}: finished earlier, reusing {summary}[/]")
+        return json.loads(summary.read_text())
+    recipe_file = args.out / "recipes" / f"{name}.yaml"
+    recipe_file.parent.mkdir(parents=True, exist_ok=True)
+    recipe_file.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    command = [
+        sys.executable, "-m", "mecqtk", "quantize", "--model", args.model,
+        "--checkpoint", str(checkpoint), "--recipe", str(recipe_file),
+        "--data", f"imagefolder:{args.data}", "--out", str(folder), "--device", args.device,
+        "--no-report", "--no-export",
+    ]
+    if args.limit_train:
+        command += ["--limit-train", str(args.limit_train)]
+    if (folder / "checkpoint.pt").is_file():
+        command.append("--resume")
+    console.rule(f"{name}")
+    subprocess.run(command, check=True, cwd=REPO)
+    return json.loads(summary.read_text())
+
+
+def spread(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    half_range = (max(values) - min(values)) / 2
+    return f"{statistics.mean(values):.2f} ± {half_range:.2f}"
+
+
+def markdown(rows: list[dict[str, Any]], command: str, wall: float, args: argparse.Namespace,
+             seeds: list[int]) -> str:
+    fp = rows[0]
+    lines = [
+        f"Command: `{command}`",
+        "",
+        f"Budget: full-precision fine-tune of {args.fp_epochs} epoch(s) from the shared "
+        f"checkpoint, then {args.epochs} epoch(s) per quantized variant from that fine-tuned "
+        f"model, batch {TRAIN['batch_size']}, SGD lr {TRAIN['optimizer']['lr']} cosine, "
+        f"seeds {', '.join(map(str, seeds))} (± is half the range over seeds); training images: "
+        f"{args.limit_train or 'all 50,000'}; top-1 on the 10,000 test images. Device: "
+        f"{args.device} ({os.cpu_count()} CPU cores, {platform.machine()}). "
+        f"Wall time {wall / 60:.1f} min.",
+        "",
+        "| variant | top-1 % | vs FP (pt) | per-seed top-1 | minutes per run |",
+        "|---|---:|---:|---|---:|",
+        f"| FP fine-tune (reference) | {fp['top1'][0]:.2f} | — | — | "
+        f"{fp['minutes'][0]:.1f} |",
+    ]
+    for row in rows[1:]:
+        delta = statistics.mean(row["top1"]) - fp["top1"][0]
+        lines.append(
+            f"| {row['label']} | {spread(row['top1'])} | {delta:+.2f} | "
+            f"{', '.join(f'{v:.2f}' for v in row['top1'])} | "
+            f"{statistics.mean(row['minutes']):.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def write_section(doc: Path, body: str) -> None:
+    """Replace the text between the markers (or append a section) without touching the rest."""
+    text = doc.read_text() if doc.is_file() else "# Benchmarks\n"
+    section = f"{BEGIN}\n{body}\n{END}"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + section + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n## Accuracy: CIFAR-10, ResNet-20\n\n" + section + "\n"
+    temporary = doc.with_suffix(".tmp")
+    temporary.write_text(text)
+    temporary.replace(doc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Example: python tools/bench_accuracy.py --epochs 2 --seeds 0,1",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    shared = shared_dir()
+    parser.add_argument("--model", default="cifar_resnet20")
+    parser.add_argument("--checkpoint", type=Path,
+                        default=shared / "data/weights/cifar-resnet/resnet20-12fca82f.th")
+    parser.add_argument("--data", type=Path, default=shared / "data/cifar10-jpeg")
+    parser.add_argument("--epochs", type=int, default=2, help="epochs per quantized variant")
+    parser.add_argument("--fp-epochs", type=int, default=None,
+                        help="epochs of the FP fine-tune (default: --epochs)")
+    parser.add_argument("--seeds", default="0,1", help="comma-separated seeds per variant")
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS,
+                        help=f"comma-separated, from: {', '.join(VARIANTS)}")
+    parser.add_argument("--limit-train", type=int, default=None,
+                        help="train on a class-balanced subset (default: all images)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench_accuracy")
+    parser.add_argument("--doc", type=Path, default=REPO / "docs" / "benchmarks.md",
+                        help="markdown file whose accuracy section is rewritten")
+    parser.add_argument("--no-doc", action="store_true", help="only print the table")
+    args = parser.parse_args(argv)
+    args.fp_epochs = args.fp_epochs or args.epochs
+    seeds = [int(s) for s in args.seeds.split(",")]
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+    for path, what in ((args.checkpoint, "checkpoint"), (args.data, "data folder")):
+        if not path.exists():
+            parser.error(f"{what} {path} not found (set MECQTK_SHARED or pass it)")
+    console = Console(stderr=True)
+    start = time.perf_counter()
+    fp_recipe = merged(FP_RECIPE, {"train": {"epochs": args.fp_epochs, "seed": seeds[0]}})
+    fp = run_quantize("fp_finetune", fp_recipe, args.checkpoint, args, console)
+    fine_tuned = args.out / "fp_finetune" / "checkpoint.pt"
+    rows = [{"label": "FP fine-tune", "top1": [fp["quant_top1"]],
+             "minutes": [fp["wall_seconds"] / 60]}]
+    for key in args.variants.split(","):
+        variant = VARIANTS[key]
+        results = [run_quantize(f"{key}_seed{seed}", variant_recipe(variant, args.epochs, seed),
+                                fine_tuned, args, console) for seed in seeds]
+        rows.append({"label": variant.label, "top1": [r["quant_top1"] for r in results],
+                     "minutes": [r["wall_seconds"] / 60 for r in results]})
+    wall = time.perf_counter() - start
+
+    table = Table(title=f"{args.model} on CIFAR-10 (top-1 %, {args.epochs} epochs per variant)")
+    for column in ("variant", "top-1 %", "per seed", "min/run"):
+        table.add_column(column, justify="left" if column == "variant" else "right")
+    for row in rows:
+        table.add_row(row["label"], spread(row["top1"]),
+                      ", ".join(f"{v:.2f}" for v in row["top1"]),
+                      f"{statistics.mean(row['minutes']):.1f}")
+    Console().print(table)
+    command = "python tools/bench_accuracy.py " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    body = markdown(rows, command.strip(), wall, args, seeds)
+    (args.out / "bench_accuracy.json").write_text(json.dumps(
+        {"rows": rows, "wall_seconds": wall, "epochs": args.epochs, "seeds": seeds}, indent=2))
+    if not args.no_doc:
+        write_section(args.doc, body)
+        console.print(f"wrote {args.doc}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
