@@ -171,16 +171,15 @@ class BatchNormConfig:
 
 @dataclass(frozen=True)
 class CalibrationConfig:
-    """Calibration: observers see a few training batches and set every step size before
-    training starts."""
+    """Observers see a few training batches and set every step size before training starts."""
 
     batches: int = constrained(4, ge=1, doc="batches of training data seen before training")
 
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """What is quantized and how: defaults for weights and activations, ordered per-layer rules,
-    junctions, BatchNorm, calibration and tracing."""
+    """Defaults for weights and activations, ordered per-layer rules, junctions, BatchNorm,
+    calibration and tracing."""
 
     weight: QuantizerConfig = constrained(
         default_factory=lambda: QuantizerConfig(granularity="per_channel", signed="signed"),
@@ -195,10 +194,10 @@ class QuantConfig:
         doc="ordered per-layer rules; a recipe that gives rules replaces the default list",
     )
     residual: ResidualConfig = constrained(
-        default_factory=ResidualConfig, doc="residual add/cat operands and outputs, pool inputs"
+        default_factory=ResidualConfig, doc="residual add and cat, pooling inputs"
     )
     batchnorm: BatchNormConfig = constrained(
-        default_factory=BatchNormConfig, doc="BatchNorm after a Conv/Linear during QAT"
+        default_factory=BatchNormConfig, doc="BatchNorm folding"
     )
     calibration: CalibrationConfig = constrained(
         default_factory=CalibrationConfig, doc="step-size initialisation before training"
@@ -233,8 +232,8 @@ class QuantConfig:
 
 @dataclass(frozen=True)
 class OptimizerConfig:
-    """The optimizer. Weight decay applies to weight matrices and kernels only: biases,
-    normalisation parameters and step sizes are not decayed."""
+    """Weight decay applies to weight matrices and kernels only: biases, normalisation
+    parameters and step sizes are not decayed."""
 
     name: Literal["sgd", "adamw"] = constrained("sgd", doc="sgd (with momentum) or adamw")
     lr: float = constrained(0.01, gt=0.0, doc="base learning rate (the schedule multiplies it)")
@@ -248,7 +247,7 @@ class OptimizerConfig:
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    """The learning-rate schedule, updated at every optimizer step."""
+    """A factor on every parameter group's learning rate, updated at every optimizer step."""
 
     name: Literal["cosine", "onecycle", "step", "constant"] = constrained(
         "cosine", doc="cosine: decay to 0 after the warm-up; onecycle: ramp up over the warm-up "
@@ -265,7 +264,7 @@ class ScheduleConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Quantization-aware training after calibration."""
+    """Runs after calibration; every epoch ends with an evaluation and a checkpoint."""
 
     epochs: int = constrained(
         1, ge=0, doc="training epochs; 0 calibrates only (mecqtk quantize --epochs overrides)"
@@ -274,7 +273,9 @@ class TrainConfig:
         128, ge=1, doc="global batch; split evenly over the processes under torchrun"
     )
     eval_batch_size: int = constrained(256, ge=1, doc="batch size of evaluation")
-    optimizer: OptimizerConfig = constrained(default_factory=OptimizerConfig, doc="optimizer")
+    optimizer: OptimizerConfig = constrained(
+        default_factory=OptimizerConfig, doc="optimizer and its parameter groups"
+    )
     schedule: ScheduleConfig = constrained(
         default_factory=ScheduleConfig, doc="learning-rate schedule"
     )
@@ -282,7 +283,9 @@ class TrainConfig:
         0.0, ge=0.0, lt=1.0, doc="label smoothing of the cross-entropy task loss"
     )
     grad_clip: float | None = constrained(None, gt=0.0, doc="max global grad norm")
-    seed: int = constrained(0, ge=0, doc="seeds the run: data order and subsets, initialisation")
+    seed: int = constrained(
+        0, ge=0, doc="seeds the run: data order, augmentation, subsets, new parameters"
+    )
     fused_quantizers: bool = constrained(
         True, doc="run fake-quant arithmetic through torch.compile (bit-identical, much faster)"
     )
@@ -299,7 +302,8 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class MECConfig:
-    """Maximum-entropy-coding regulariser (docs/mec.md)."""
+    """A maximum-entropy-coding term between the student's features and a second view of the
+    batch, added to the training loss (docs/mec.md)."""
 
     enabled: bool = constrained(False, doc="add the MEC term to the training loss")
     weight: float = constrained(0.5, ge=0.0, doc="gamma: weight of the MEC loss in the total loss")
@@ -348,5 +352,5 @@ class Recipe:
     train: TrainConfig = constrained(default_factory=TrainConfig, doc="quantization-aware training")
     mec: MECConfig = constrained(default_factory=MECConfig, doc="the MEC regulariser")
     distill: DistillConfig = constrained(
-        default_factory=DistillConfig, doc="distillation from the float model"
+        default_factory=DistillConfig, doc="knowledge distillation"
     )
