@@ -284,7 +284,7 @@ class TrainConfig:
     )
     grad_clip: float | None = constrained(None, gt=0.0, doc="max global grad norm")
     seed: int = constrained(
-        0, ge=0, doc="seeds the run: data order, augmentation, subsets, new parameters"
+        0, ge=0, doc="seeds the run: data order, augmentation, new parameters"
     )
     fused_quantizers: bool = constrained(
         True, doc="run fake-quant arithmetic through torch.compile (bit-identical, much faster)"
