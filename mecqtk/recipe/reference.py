@@ -23,7 +23,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 import yaml
 
 from mecqtk.recipe.loader import bundled_recipe_dir, bundled_recipes, load_recipe, recipe_from_dict
-from mecqtk.recipe.schema import LayerRule, QuantizerConfig, Recipe
+from mecqtk.recipe.schema import LayerRule, OpKind, QuantizerConfig, Recipe
 from mecqtk.recipe.validate import describe_range, to_data
 
 REGENERATE_COMMAND = "python tools/gen_docs.py"
@@ -45,7 +45,7 @@ quant:
 
 # (name, kind, position) of some cifar_resnet20 layers and ops, as `mecqtk recipe explain` names
 # them; the example table resolves the rules above for each.
-EXAMPLE_NODES: tuple[tuple[str, str, frozenset[str]], ...] = (
+EXAMPLE_NODES: tuple[tuple[str, OpKind, frozenset[str]], ...] = (
     ("conv1", "conv", frozenset({"first"})),
     ("layer1.0.conv1", "conv", frozenset()),
     ("layer1.0.add", "add", frozenset()),
@@ -114,7 +114,7 @@ def _doc(field: dataclasses.Field) -> str:
     return str(field.metadata.get("doc", "")) if field.metadata else ""
 
 
-def markdown(text: str) -> str:
+def _markdown(text: str) -> str:
     """Docstring text as Markdown: single backticks, and docs/X.md as a link from docs/."""
     return re.sub(r"docs/(\w+)\.md", r"[docs/\1.md](\1.md)", text.replace("``", "`"))
 
@@ -124,14 +124,14 @@ def class_doc(cls: type) -> str:
     doc = cls.__doc__ or ""
     if doc.startswith(f"{cls.__name__}("):  # dataclass' generated signature, not a docstring
         return ""
-    return markdown(inspect.cleandoc(doc))
+    return _markdown(inspect.cleandoc(doc))
 
 
-def is_section(tp: Any) -> bool:
+def _is_section(tp: Any) -> bool:
     return dataclasses.is_dataclass(tp)
 
 
-def is_section_list(tp: Any) -> bool:
+def _is_section_list(tp: Any) -> bool:
     return get_origin(tp) in (tuple, list) and dataclasses.is_dataclass(get_args(tp)[0])
 
 
@@ -152,7 +152,7 @@ def key_docs(cls: type, instance: Any, prefix: str) -> list[KeyDoc]:
     rows = []
     for field in dataclasses.fields(cls):
         tp = hints[field.name]
-        if is_section(tp) or is_section_list(tp):
+        if _is_section(tp) or _is_section_list(tp):
             continue
         type_name, allowed = _allowed(field, tp)
         own_default = _field_default(field)
@@ -176,9 +176,9 @@ def written_section_defaults(cls: type, instance: Any, path: str) -> list[str]:
     hints = get_type_hints(cls)
     for field in dataclasses.fields(cls):
         tp, value = hints[field.name], getattr(instance, field.name)
-        if is_section(tp):
+        if _is_section(tp):
             keys += written_section_defaults(tp, value, f"{path}{field.name}.")
-        elif not is_section_list(tp) and value != _field_default(field):
+        elif not _is_section_list(tp) and value != _field_default(field):
             keys.append(f"{path}{field.name}")
     return keys
 
@@ -187,7 +187,7 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def render_table(rows: list[KeyDoc]) -> list[str]:
+def _render_table(rows: list[KeyDoc]) -> list[str]:
     lines = ["| key | type | allowed | default | meaning |", "|---|---|---|---|---|"]
     for row in rows:
         cells = [f"`{row.path}`", row.type, row.allowed, row.default, row.doc]
@@ -201,15 +201,15 @@ def _render_section(cls: type, instance: Any, path: str, doc: str, level: int) -
         lines += [class_doc(cls), ""]
     rows = key_docs(cls, instance, f"{path}.")
     if rows:
-        lines += [*render_table(rows), ""]
+        lines += [*_render_table(rows), ""]
     hints = get_type_hints(cls)
     for field in dataclasses.fields(cls):
         tp = hints[field.name]
         child_path = f"{path}.{field.name}"
-        if is_section(tp):
+        if _is_section(tp):
             lines += _render_section(tp, getattr(instance, field.name), child_path,
                                      _doc(field), level + 1)
-        elif is_section_list(tp) and get_args(tp)[0] is LayerRule:
+        elif _is_section_list(tp) and get_args(tp)[0] is LayerRule:
             lines += _render_rules(getattr(instance, field.name), child_path, _doc(field),
                                    level + 1)
     return lines
@@ -222,7 +222,7 @@ def _rule_rows(path: str) -> list[KeyDoc]:
     hints = get_type_hints(LayerRule)
     for field in dataclasses.fields(LayerRule):
         key = f"{path}[].{field.name}"
-        if is_section(hints[field.name]):
+        if _is_section(hints[field.name]):
             rows.append(KeyDoc(key, "mapping", "", "", _doc(field)))
             rows += key_docs(hints[field.name], None, f"{key}.")
         else:
@@ -239,15 +239,15 @@ def _spec_words(config: QuantizerConfig | None) -> str:
 
 
 def _example_resolution() -> list[str]:
-    # imported here: the graph package pulls in torch.fx and timm, which reading a recipe needs not
+    # imported here: mecqtk.graph imports this package (a cycle at import time) and timm
     from mecqtk.graph.rules import resolve, rule_applies
 
     quant = recipe_from_dict(yaml.safe_load(RULES_EXAMPLE)).quant
     lines = ["| layer / op | kind | matching rules | weight | input |", "|---|---|---|---|---|"]
     for name, kind, position in EXAMPLE_NODES:
         matching = [str(i) for i, rule in enumerate(quant.rules)
-                    if rule_applies(rule.match, name, kind, set(position))]  # type: ignore[arg-type]
-        resolution = resolve(quant, name, kind, set(position))  # type: ignore[arg-type]
+                    if rule_applies(rule.match, name, kind, set(position))]
+        resolution = resolve(quant, name, kind, set(position))
         if resolution.skipped is not None:
             weight, activation = "float", f"float ({resolution.skipped})"
         else:
@@ -297,7 +297,7 @@ def _render_rules(rules: tuple[LayerRule, ...], path: str, doc: str, level: int)
         default_rules,
         "```",
         "",
-        *render_table(_rule_rows(path)),
+        *_render_table(_rule_rows(path)),
         "",
         "An example for `cifar_resnet20`, 2-bit by default:",
         "",
@@ -435,13 +435,13 @@ def render_reference() -> str:
         *_written_sections_note(recipe),
         "## Top-level keys",
         "",
-        *render_table(key_docs(Recipe, recipe, "")),
+        *_render_table(key_docs(Recipe, recipe, "")),
         "",
     ]
     hints = get_type_hints(Recipe)
     for field in dataclasses.fields(Recipe):
         tp = hints[field.name]
-        if is_section(tp):
+        if _is_section(tp):
             lines += _render_section(tp, getattr(recipe, field.name), field.name, _doc(field), 2)
     lines += _registry_lines()
     lines += _bundled_lines()
