@@ -40,7 +40,7 @@ def without_nproc(argv: list[str]) -> list[str]:
 @click.option("--limit-train", type=click.IntRange(min=1), help="Class-balanced training subset.")
 @click.option("--limit-val", type=click.IntRange(min=1), help="Class-balanced evaluation subset.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
-              show_default=True)
+              show_default=True, help="Where to train; auto: cuda when a GPU is available.")
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
               help="Data-loading worker processes.")
 @click.option("--force", is_flag=True, help="Replace a run already in --out.")

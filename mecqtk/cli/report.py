@@ -65,7 +65,7 @@ def render_report(written: WrittenReport, console: Console | None = None) -> Non
 @click.option("--compare", type=click.Path(path_type=Path),
               help="Another run folder: per-layer deltas against it, on the same images.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
-              show_default=True)
+              show_default=True, help="Where to measure; auto: cuda when a GPU is available.")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead.")
 @click.option("--no-progress", is_flag=True, help="No status lines or progress bars.")
 def report_command(run_dir, data, n, sensitivity, raise_top, compare, device, as_json,

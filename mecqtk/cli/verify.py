@@ -56,7 +56,8 @@ def render_verify(report: VerifyReport, all_layers: bool = False,
               help="Run folder of an ONNX file exported elsewhere.")
 @click.option("--format", "export_format", type=click.Choice(["qcdq", "packed"]), default="qcdq",
               show_default=True, help="Which export of a run folder to verify.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Images per onnxruntime and PyTorch batch.")
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True,
               help="onnxruntime intra-op threads.")
 @click.option("--all-layers", is_flag=True, help="List identical layers too.")

@@ -7,7 +7,7 @@ declared on the field with :func:`~mecqtk.recipe.validate.constrained`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from mecqtk.errors import RecipeError
@@ -43,11 +43,17 @@ class QuantizerConfig:
 
     bits: int = constrained(4, ge=2, le=8, doc="bit width of the integer grid")
     quantizer: str = constrained("lsq", choices=_quantizer_names, doc="quantizer by registry name")
-    granularity: Granularity = "per_tensor"
+    granularity: Granularity = constrained(
+        "per_tensor", doc="per_tensor: one step size; per_channel: one per output channel "
+        "(weights only)"
+    )
     observer: str = constrained(
         "mse", choices=_observer_names, doc="how the step size is initialised by calibration"
     )
-    signed: Signedness = "auto"
+    signed: Signedness = constrained(
+        "auto", doc="auto: unsigned where the value is provably non-negative (after a ReLU), "
+        "else signed; weights are always signed"
+    )
     learn_step: bool = constrained(
         True, doc="train the step size (LSQ); false keeps the calibrated one"
     )
@@ -57,12 +63,18 @@ class QuantizerConfig:
 class QuantizerOverride:
     """Fields a layer rule may change; ``None`` keeps the value from the defaults."""
 
-    bits: int | None = constrained(None, ge=2, le=8)
-    quantizer: str | None = constrained(None, choices=_quantizer_names)
-    granularity: Granularity | None = None
-    observer: str | None = constrained(None, choices=_observer_names)
-    signed: Signedness | None = None
-    learn_step: bool | None = None
+    bits: int | None = constrained(None, ge=2, le=8, doc="bit width")
+    quantizer: str | None = constrained(
+        None, choices=_quantizer_names, doc="quantizer by registry name"
+    )
+    granularity: Granularity | None = constrained(
+        None, doc="per_tensor or per_channel (per_channel for weights only)"
+    )
+    observer: str | None = constrained(
+        None, choices=_observer_names, doc="how the step size is initialised by calibration"
+    )
+    signed: Signedness | None = constrained(None, doc="auto, signed or unsigned (activations)")
+    learn_step: bool | None = constrained(None, doc="train the step size")
 
 
 @dataclass(frozen=True)
@@ -72,18 +84,30 @@ class LayerMatch:
     name: str | None = constrained(
         None, doc="module name: a glob (layer1.*.conv1) or a regex written re:<pattern>"
     )
-    op: tuple[OpKind, ...] = ()
-    position: Literal["any", "first", "last"] = "any"
+    op: tuple[OpKind, ...] = constrained(
+        (), doc="kinds of op the rule applies to; empty: any kind"
+    )
+    position: Literal["any", "first", "last"] = constrained(
+        "any", doc="first / last: only the first or last Conv/Linear layer in execution order"
+    )
 
 
 @dataclass(frozen=True)
 class LayerRule:
     """An ordered per-layer rule: the first matching rule wins for each field it sets."""
 
-    match: LayerMatch = field(default_factory=LayerMatch)
-    weight: QuantizerOverride = field(default_factory=QuantizerOverride)
-    activation: QuantizerOverride = field(default_factory=QuantizerOverride)
-    skip: bool = False
+    match: LayerMatch = constrained(
+        default_factory=LayerMatch, doc="which layers and ops the rule applies to"
+    )
+    weight: QuantizerOverride = constrained(
+        default_factory=QuantizerOverride, doc="changes to quant.weight for the matched layers"
+    )
+    activation: QuantizerOverride = constrained(
+        default_factory=QuantizerOverride,
+        doc="changes to the input quantizer (quant.activation, or quant.residual for "
+        "add/cat/pool) of the matched layers and ops",
+    )
+    skip: bool = constrained(False, doc="leave the matched layers and ops in float")
 
     def __post_init__(self) -> None:
         if self.match == LayerMatch():
@@ -147,19 +171,37 @@ class BatchNormConfig:
 
 @dataclass(frozen=True)
 class CalibrationConfig:
+    """Observers see a few training batches and set every step size before training starts."""
+
     batches: int = constrained(4, ge=1, doc="batches of training data seen before training")
 
 
 @dataclass(frozen=True)
 class QuantConfig:
-    weight: QuantizerConfig = field(
-        default_factory=lambda: QuantizerConfig(granularity="per_channel", signed="signed")
+    """Defaults for weights and activations, ordered per-layer rules, junctions, BatchNorm,
+    calibration and tracing."""
+
+    weight: QuantizerConfig = constrained(
+        default_factory=lambda: QuantizerConfig(granularity="per_channel", signed="signed"),
+        doc="the weights of every Conv/Linear layer",
     )
-    activation: QuantizerConfig = field(default_factory=QuantizerConfig)
-    rules: tuple[LayerRule, ...] = field(default_factory=_default_rules)
-    residual: ResidualConfig = field(default_factory=ResidualConfig)
-    batchnorm: BatchNormConfig = field(default_factory=BatchNormConfig)
-    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    activation: QuantizerConfig = constrained(
+        default_factory=QuantizerConfig,
+        doc="the input of every Conv/Linear layer and the operands of matmul",
+    )
+    rules: tuple[LayerRule, ...] = constrained(
+        default_factory=_default_rules,
+        doc="ordered per-layer rules; a recipe that gives rules replaces the default list",
+    )
+    residual: ResidualConfig = constrained(
+        default_factory=ResidualConfig, doc="residual add and cat, pooling inputs"
+    )
+    batchnorm: BatchNormConfig = constrained(
+        default_factory=BatchNormConfig, doc="BatchNorm folding"
+    )
+    calibration: CalibrationConfig = constrained(
+        default_factory=CalibrationConfig, doc="step-size initialisation before training"
+    )
     leaf_modules: tuple[str, ...] = constrained(
         (), doc="class names the tracer keeps whole (their inner Conv/Linear stay quantized)"
     )
@@ -190,11 +232,14 @@ class QuantConfig:
 
 @dataclass(frozen=True)
 class OptimizerConfig:
-    name: Literal["sgd", "adamw"] = "sgd"
-    lr: float = constrained(0.01, gt=0.0)
-    momentum: float = constrained(0.9, ge=0.0, lt=1.0)
-    nesterov: bool = True
-    weight_decay: float = constrained(1e-4, ge=0.0)
+    """Weight decay applies to weight matrices and kernels only: biases, normalisation
+    parameters and step sizes are not decayed."""
+
+    name: Literal["sgd", "adamw"] = constrained("sgd", doc="sgd (with momentum) or adamw")
+    lr: float = constrained(0.01, gt=0.0, doc="base learning rate (the schedule multiplies it)")
+    momentum: float = constrained(0.9, ge=0.0, lt=1.0, doc="SGD momentum (sgd only)")
+    nesterov: bool = constrained(True, doc="Nesterov momentum (sgd with momentum > 0 only)")
+    weight_decay: float = constrained(1e-4, ge=0.0, doc="decoupled for adamw, L2 for sgd")
     quantizer_lr_scale: float = constrained(
         1.0, gt=0.0, doc="learning-rate multiplier for step sizes (no weight decay on them)"
     )
@@ -202,28 +247,53 @@ class OptimizerConfig:
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    name: Literal["cosine", "onecycle", "step", "constant"] = "cosine"
-    warmup_epochs: float = constrained(0.0, ge=0.0)
+    """A factor on every parameter group's learning rate, updated at every optimizer step."""
+
+    name: Literal["cosine", "onecycle", "step", "constant"] = constrained(
+        "cosine", doc="cosine: decay to 0 after the warm-up; onecycle: ramp up over the warm-up "
+        "(default 30 %), then cosine to 0; step: times step_gamma every step_epochs; constant"
+    )
+    warmup_epochs: float = constrained(
+        0.0, ge=0.0, doc="linear warm-up from 0 over these epochs (fractions allowed)"
+    )
     step_epochs: int = constrained(30, ge=1, doc="epochs between lr drops (name: step)")
-    step_gamma: float = constrained(0.1, gt=0.0, le=1.0)
+    step_gamma: float = constrained(
+        0.1, gt=0.0, le=1.0, doc="factor of each lr drop (name: step)"
+    )
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = constrained(1, ge=0)
-    batch_size: int = constrained(128, ge=1)
-    eval_batch_size: int = constrained(256, ge=1)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    label_smoothing: float = constrained(0.0, ge=0.0, lt=1.0)
+    """Runs after calibration; every epoch ends with an evaluation and a checkpoint."""
+
+    epochs: int = constrained(
+        1, ge=0, doc="training epochs; 0 calibrates only (mecqtk quantize --epochs overrides)"
+    )
+    batch_size: int = constrained(
+        128, ge=1, doc="global batch; split evenly over the processes under torchrun"
+    )
+    eval_batch_size: int = constrained(256, ge=1, doc="batch size of evaluation")
+    optimizer: OptimizerConfig = constrained(
+        default_factory=OptimizerConfig, doc="optimizer and its parameter groups"
+    )
+    schedule: ScheduleConfig = constrained(
+        default_factory=ScheduleConfig, doc="learning-rate schedule"
+    )
+    label_smoothing: float = constrained(
+        0.0, ge=0.0, lt=1.0, doc="label smoothing of the cross-entropy task loss"
+    )
     grad_clip: float | None = constrained(None, gt=0.0, doc="max global grad norm")
-    seed: int = constrained(0, ge=0)
+    seed: int = constrained(
+        0, ge=0, doc="seeds the run: data order, augmentation, new parameters"
+    )
     fused_quantizers: bool = constrained(
         True, doc="run fake-quant arithmetic through torch.compile (bit-identical, much faster)"
     )
     compile_model: bool = constrained(False, doc="torch.compile the whole student model")
-    amp: Literal["none", "bf16", "fp16"] = "none"
-    channels_last: bool = False
+    amp: Literal["none", "bf16", "fp16"] = constrained(
+        "none", doc="autocast precision; fp16 (with a grad scaler) only on CUDA"
+    )
+    channels_last: bool = constrained(False, doc="NHWC memory format for model and batches")
     sync_bn: bool = constrained(False, doc="SyncBatchNorm across processes under torchrun")
     checkpoint_every_steps: int | None = constrained(
         None, ge=1, doc="also checkpoint every N optimizer steps (epoch ends always are)"
@@ -232,11 +302,14 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class MECConfig:
-    """Maximum-entropy-coding regulariser (docs/mec.md)."""
+    """A maximum-entropy-coding term between the student's features and a second view of the
+    batch, added to the training loss (docs/mec.md)."""
 
-    enabled: bool = False
+    enabled: bool = constrained(False, doc="add the MEC term to the training loss")
     weight: float = constrained(0.5, ge=0.0, doc="gamma: weight of the MEC loss in the total loss")
-    weight_warmup_epochs: float = constrained(0.0, ge=0.0)
+    weight_warmup_epochs: float = constrained(
+        0.0, ge=0.0, doc="gamma rises linearly from 0 over these epochs"
+    )
     eps2: float | None = constrained(
         None, gt=0.0, doc="distortion eps^2; null means the feature dimension d (series converges)"
     )
@@ -244,31 +317,40 @@ class MECConfig:
     lam_warmup_epochs: float = constrained(
         0.0, ge=0.0, doc="lambda rises from lambda/8 to lambda over these epochs"
     )
-    view: Literal["teacher", "self", "augmented"] = "teacher"
+    view: Literal["teacher", "self", "augmented"] = constrained(
+        "teacher", doc="second view: the frozen float teacher on the same batch, the student "
+        "itself (spreading terms only), or the student on a shifted and flipped copy"
+    )
     tap: str = constrained(
         "pooled", doc="features: 'pooled' (classifier input) or a traced node name"
     )
     projector: int | None = constrained(None, ge=1, doc="width of a linear projector; null: none")
     experts: int = constrained(1, ge=1, le=64, doc="K: mixture components or channel groups")
-    expert_form: Literal["mixture", "grouped"] = "mixture"
+    expert_form: Literal["mixture", "grouped"] = constrained(
+        "mixture", doc="with experts > 1: a learned gating mixture, or contiguous channel groups"
+    )
 
 
 @dataclass(frozen=True)
 class DistillConfig:
     """Knowledge distillation from the full-precision model (KL on softened logits)."""
 
-    enabled: bool = False
-    weight: float = constrained(1.0, ge=0.0)
-    temperature: float = constrained(4.0, gt=0.0)
+    enabled: bool = constrained(False, doc="add the distillation term to the training loss")
+    weight: float = constrained(1.0, ge=0.0, doc="weight of the KL term (also scaled by T^2)")
+    temperature: float = constrained(4.0, gt=0.0, doc="T: softmax temperature of both models")
 
 
 @dataclass(frozen=True)
 class Recipe:
     """A whole quantization run: what is quantized and how it is trained."""
 
-    name: str = ""
-    description: str = ""
-    quant: QuantConfig = field(default_factory=QuantConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    mec: MECConfig = field(default_factory=MECConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
+    name: str = constrained(
+        "", doc="name shown in run summaries and reports; empty: the file name without .yaml"
+    )
+    description: str = constrained("", doc="one-line summary of what the recipe is for")
+    quant: QuantConfig = constrained(default_factory=QuantConfig, doc="what is quantized, and how")
+    train: TrainConfig = constrained(default_factory=TrainConfig, doc="quantization-aware training")
+    mec: MECConfig = constrained(default_factory=MECConfig, doc="the MEC regulariser")
+    distill: DistillConfig = constrained(
+        default_factory=DistillConfig, doc="knowledge distillation"
+    )

@@ -110,7 +110,7 @@ def _check_constraints(value: Any, field: dataclasses.Field, path: str) -> None:
         for key, _, ok in bounds:
             bound = meta.get(key)
             if bound is not None and not ok(value, bound):
-                allowed = _describe_range(meta)
+                allowed = describe_range(meta)
                 raise RecipeError(f"{path}: {value} is out of range; allowed: {allowed}")
     choices = meta.get("choices")
     if choices is not None and value not in choices():
@@ -119,7 +119,7 @@ def _check_constraints(value: Any, field: dataclasses.Field, path: str) -> None:
         )
 
 
-def _describe_range(meta: Mapping[str, Any]) -> str:
+def describe_range(meta: Mapping[str, Any]) -> str:
     parts = []
     for key, symbol in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
         if meta.get(key) is not None:
@@ -180,7 +180,7 @@ def field_docs(cls: type) -> list[tuple[str, str, str, str]]:
             default = repr(to_data(f.default_factory()))
         else:
             default = "(required)"
-        allowed = _describe_range(f.metadata) if f.metadata else ""
+        allowed = describe_range(f.metadata) if f.metadata else ""
         choices = f.metadata.get("choices") if f.metadata else None
         if choices is not None:
             allowed = "one of " + ", ".join(sorted(choices()))
