@@ -155,32 +155,10 @@ def key_docs(cls: type, instance: Any, prefix: str) -> list[KeyDoc]:
         if _is_section(tp) or _is_section_list(tp):
             continue
         type_name, allowed = _allowed(field, tp)
-        own_default = _field_default(field)
-        value = own_default if instance is None else getattr(instance, field.name)
+        value = _field_default(field) if instance is None else getattr(instance, field.name)
         default = f"`{yaml_inline(value)}`"
-        if value != own_default:
-            default += (f"; `{yaml_inline(own_default)}` when `{prefix.rstrip('.')}` is written "
-                        "without it")
         rows.append(KeyDoc(f"{prefix}{field.name}", type_name, allowed, default, _doc(field)))
     return rows
-
-
-def written_section_defaults(cls: type, instance: Any, path: str) -> list[str]:
-    """Keys whose default depends on whether their section is written in the recipe at all.
-
-    A section that a recipe writes is built from its class's own defaults, which can differ
-    from the default of the whole section (``quant.weight`` defaults to per-channel, but a
-    written ``quant.weight`` without ``granularity`` is per-tensor).
-    """
-    keys = []
-    hints = get_type_hints(cls)
-    for field in dataclasses.fields(cls):
-        tp, value = hints[field.name], getattr(instance, field.name)
-        if _is_section(tp):
-            keys += written_section_defaults(tp, value, f"{path}{field.name}.")
-        elif not _is_section_list(tp) and value != _field_default(field):
-            keys.append(f"{path}{field.name}")
-    return keys
 
 
 def _cell(text: str) -> str:
@@ -380,19 +358,6 @@ def _bundled_lines() -> list[str]:
     return [*lines, "", *notes, ""]
 
 
-def _written_sections_note(recipe: Recipe) -> list[str]:
-    keys = written_section_defaults(Recipe, recipe, "")
-    if not keys:
-        return []
-    return [
-        "A section that a recipe writes is built from that section's own defaults, which for "
-        f"{len(keys)} keys differ from the defaults of a recipe that leaves the section out: "
-        + ", ".join(f"`{key}`" for key in keys) + " (both are in the tables). Write these keys "
-        "out whenever you write their section; the bundled recipes do.",
-        "",
-    ]
-
-
 def render_reference() -> str:
     """docs/recipes.md: every recipe key with its type, allowed values, default and meaning.
 
@@ -432,7 +397,6 @@ def render_reference() -> str:
         "  optimizer: {lr: 0.01}",
         "```",
         "",
-        *_written_sections_note(recipe),
         "## Top-level keys",
         "",
         *_render_table(key_docs(Recipe, recipe, "")),

@@ -144,6 +144,12 @@ def from_data(cls: type[T], data: Any, path: str) -> T:
     kwargs = {}
     for name, value in data.items():
         key_path = f"{path}.{name}" if path else name
+        field = fields[name]
+        if (isinstance(value, Mapping) and dataclasses.is_dataclass(hints[name])
+                and field.default_factory is not dataclasses.MISSING):
+            # A written section starts from what leaving it out gives (quant.weight is
+            # per-channel and signed), so `weight: {bits: 2}` changes the bits and nothing else.
+            value = {**to_data(field.default_factory()), **value}
         converted = _convert(value, hints[name], key_path)
         _check_constraints(converted, fields[name], key_path)
         kwargs[name] = converted

@@ -96,3 +96,14 @@ def test_yaml_is_never_evaluated_as_code(tmp_path):
     path.write_text("name: !!python/object/apply:os.system ['echo hacked']\n")
     with pytest.raises(RecipeError, match="malformed YAML"):
         load_recipe(path)
+
+
+def test_a_written_section_starts_from_the_section_default():
+    # Left out, quant.weight is per-channel and signed; writing only its bits keeps that.
+    weight = recipe_from_dict({"quant": {"weight": {"bits": 2}}}).quant.weight
+    assert (weight.bits, weight.granularity, weight.signed) == (2, "per_channel", "signed")
+    activation = recipe_from_dict({"quant": {"activation": {"bits": 3}}}).quant.activation
+    assert (activation.bits, activation.granularity, activation.signed) == (3, "per_tensor", "auto")
+    # and an explicit key still wins
+    tensor = recipe_from_dict({"quant": {"weight": {"granularity": "per_tensor"}}}).quant.weight
+    assert tensor.granularity == "per_tensor" and tensor.bits == 4

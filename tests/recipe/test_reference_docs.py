@@ -63,11 +63,14 @@ def test_every_key_appears_with_its_dotted_path(rendered):
         assert f"`{key}`" in rendered, key
 
 
-def test_defaults_that_depend_on_a_written_section_are_spelled_out(rendered):
-    # quant.weight defaults to per-channel, but a written quant.weight starts per-tensor
+def test_section_defaults_are_shown_where_the_section_sets_them(rendered):
+    # quant.weight defaults to per-channel (quant.activation to per-tensor), same class
     row = next(line for line in rendered.splitlines()
                if line.startswith("| `quant.weight.granularity`"))
-    assert "`per_channel`; `per_tensor` when `quant.weight` is written without it" in row
+    assert "`per_channel`" in row and "per_tensor`;" not in row
+    row = next(line for line in rendered.splitlines()
+               if line.startswith("| `quant.activation.granularity`"))
+    assert "`per_tensor`" in row
 
 
 def test_every_bundled_recipe_is_listed(rendered):
