@@ -32,14 +32,19 @@ class NodeQuant:
       before annotation). ``inputs[0]`` and ``inputs[1]`` quantize both operands.
     - ``add``: tensor + tensor (``operator.add``/``iadd``, ``torch.add``, ``Tensor.add/add_``);
       adding a Python number is not an ``add`` here. ``inputs[i]`` quantizes operand ``i`` unless
-      it is already quantized (None then); ``output`` quantizes the sum.
+      it is already quantized (None then); ``output`` quantizes the sum, unless the sum's only
+      user is a ReLU whose every consumer quantizes it (None then: see the annotate pass).
     - ``cat``: ``torch.cat``/``concat``. ``inputs[i]`` quantizes the ``i``-th concatenated piece
       unless already quantized; ``output`` quantizes the result.
     - ``pool``: max/avg/adaptive pooling (modules and functions) and the global mean over the
       spatial dims. ``inputs[0]`` quantizes the pooled tensor unless already quantized.
 
     An operand is *already quantized* when it is the ``output`` quantizer of another annotated node
-    (a quantized add feeding the next add). ``add``/``cat``/``pool`` specs come from the recipe's
+    (a quantized add feeding the next add). A max pool of a quantized tensor is on that tensor's
+    grid, so a consumer asking for a grid of the same bits and sign gets None there too.
+    When one value is asked for on several grids, insert realises them as one stored tensor:
+    equal (bits, sign) share a quantizer, and a narrower grid requantizes the widest one's output
+    (see ``mecqtk.graph.insert``). ``add``/``cat``/``pool`` specs come from the recipe's
     ``quant.residual`` section (8-bit by default), conv/linear/matmul inputs from
     ``quant.activation``, weights from ``quant.weight``; ``quant.rules`` override any of them.
     Activation specs are signed unless the value is provably non-negative
