@@ -36,7 +36,6 @@ from rich.console import Console
 from rich.table import Table
 
 REPO = Path(__file__).resolve().parents[1]
-BEGIN, END = "<!-- bench_accuracy:begin -->", "<!-- bench_accuracy:end -->"
 
 # The one training budget every quantized variant gets (epochs and seed are set per run).
 TRAIN = {
@@ -71,6 +70,18 @@ VARIANTS = {
                 {"mec": {"experts": 4}}),
         Variant("w2a2_lsq_kd", "W2A2 LSQ + KD", "w2a2_lsq.yaml", {"distill": KD}),
         Variant("w2a2_mec_kd", "W2A2 LSQ + MEC + KD", "w2a2_mec.yaml", {"distill": KD}),
+        # The MEC ablation (--variants with --section mec_ablation): one change each.
+        Variant("w2a2_mec_g0.1", "MEC, gamma 0.1", "w2a2_mec.yaml", {"mec": {"weight": 0.1}}),
+        Variant("w2a2_mec_g2", "MEC, gamma 2", "w2a2_mec.yaml", {"mec": {"weight": 2.0}}),
+        Variant("w2a2_mec_eps16", "MEC, eps2 16 (d/4)", "w2a2_mec.yaml", {"mec": {"eps2": 16.0}}),
+        Variant("w2a2_mec_self", "MEC, self view", "w2a2_mec.yaml", {"mec": {"view": "self"}}),
+        Variant("w2a2_mec_aug", "MEC, augmented view", "w2a2_mec.yaml",
+                {"mec": {"view": "augmented"}}),
+        Variant("w2a2_mec_grouped4", "MEC, 4 channel groups", "w2a2_mec.yaml",
+                {"mec": {"experts": 4, "expert_form": "grouped"}}),
+        Variant("w2a2_mec_proj128", "MEC, projector 128", "w2a2_mec.yaml",
+                {"mec": {"projector": 128}}),
+        Variant("w2a2_mec_exact", "MEC, exact logdet", "w2a2_mec.yaml", {"mec": {"order": None}}),
     )
 }
 DEFAULT_VARIANTS = "w4a4_lsq,w2a2_lsq,w2a2_mec,w2a2_mec_k4"
@@ -135,7 +146,7 @@ def markdown(rows: list[dict[str, Any]], command: str, wall: float, args: argpar
     lines = [
         f"Command: `{command}`",
         "",
-        f"Budget: full-precision fine-tune of {args.fp_epochs} epoch(s) from the shared "
+        f"Budget: full-precision fine-tune of {fp['epochs']} epoch(s) from the shared "
         f"checkpoint, then {args.epochs} epoch(s) per quantized variant from that fine-tuned "
         f"model, batch {TRAIN['batch_size']}, SGD lr {TRAIN['optimizer']['lr']} cosine, "
         f"seeds {', '.join(map(str, seeds))} (± is half the range over seeds); training images: "
@@ -158,15 +169,17 @@ def markdown(rows: list[dict[str, Any]], command: str, wall: float, args: argpar
     return "\n".join(lines)
 
 
-def write_section(doc: Path, body: str) -> None:
-    """Replace the text between the markers (or append a section) without touching the rest."""
+def write_section(doc: Path, body: str, name: str, title: str) -> None:
+    """Replace the text between the section's markers (or append the section) without touching
+    the rest of the page."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
     text = doc.read_text() if doc.is_file() else "# Benchmarks\n"
-    section = f"{BEGIN}\n{body}\n{END}"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
+    section = f"{begin}\n{body}\n{end}"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + section + rest.split(end, 1)[1]
     else:
-        text = text.rstrip() + "\n\n## Accuracy: CIFAR-10, ResNet-20\n\n" + section + "\n"
+        text = text.rstrip() + f"\n\n## {title}\n\n" + section + "\n"
     temporary = doc.with_suffix(".tmp")
     temporary.write_text(text)
     temporary.replace(doc)
@@ -189,12 +202,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0,1", help="comma-separated seeds per variant")
     parser.add_argument("--variants", default=DEFAULT_VARIANTS,
                         help=f"comma-separated, from: {', '.join(VARIANTS)}")
+    parser.add_argument("--fp-run", type=Path, default=None,
+                        help="reuse a finished fp_finetune run folder instead of fine-tuning")
     parser.add_argument("--limit-train", type=int, default=None,
                         help="train on a class-balanced subset (default: all images)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench_accuracy")
     parser.add_argument("--doc", type=Path, default=REPO / "docs" / "benchmarks.md",
                         help="markdown file whose accuracy section is rewritten")
+    parser.add_argument("--section", default="bench_accuracy",
+                        help="name of the docs section the table replaces")
     parser.add_argument("--no-doc", action="store_true", help="only print the table")
     args = parser.parse_args(argv)
     args.fp_epochs = args.fp_epochs or args.epochs
@@ -207,9 +224,13 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{what} {path} not found (set MECQTK_SHARED or pass it)")
     console = Console(stderr=True)
     start = time.perf_counter()
-    fp_recipe = merged(FP_RECIPE, {"train": {"epochs": args.fp_epochs, "seed": seeds[0]}})
-    fp = run_quantize("fp_finetune", fp_recipe, args.checkpoint, args, console)
-    fine_tuned = args.out / "fp_finetune" / "checkpoint.pt"
+    if args.fp_run is not None:
+        fp = json.loads((args.fp_run / "summary.json").read_text())
+        fine_tuned = args.fp_run / "checkpoint.pt"
+    else:
+        fp_recipe = merged(FP_RECIPE, {"train": {"epochs": args.fp_epochs, "seed": seeds[0]}})
+        fp = run_quantize("fp_finetune", fp_recipe, args.checkpoint, args, console)
+        fine_tuned = args.out / "fp_finetune" / "checkpoint.pt"
     rows = [{"label": "FP fine-tune", "top1": [fp["quant_top1"]],
              "minutes": [fp["wall_seconds"] / 60]}]
     for key in args.variants.split(","):
@@ -234,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "bench_accuracy.json").write_text(json.dumps(
         {"rows": rows, "wall_seconds": wall, "epochs": args.epochs, "seeds": seeds}, indent=2))
     if not args.no_doc:
-        write_section(args.doc, body)
+        write_section(args.doc, body, args.section, f"Accuracy: CIFAR-10, {args.model}")
         console.print(f"wrote {args.doc}")
     return 0
 
