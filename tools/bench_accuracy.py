@@ -10,10 +10,11 @@ subprocess with its own run folder, so a killed benchmark resumes where it stopp
 Prints a table (mean ± half the range over the seeds) and writes it, with the command and the
 wall time, between markers in docs/benchmarks.md.
 
-Example (the default budget, about an hour on 2 CPU cores):
+Example (the default budget: 2 FP epochs, then 1 epoch per variant and seed):
     python tools/bench_accuracy.py
 On a GPU, a longer budget:
-    python tools/bench_accuracy.py --device cuda --epochs 30 --seeds 0,1,2 --out runs/bench_gpu
+    python tools/bench_accuracy.py --device cuda --fp-epochs 10 --epochs 30 --seeds 0,1,2 \
+        --out runs/bench_gpu
 """
 
 from __future__ import annotations
@@ -196,9 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", type=Path,
                         default=shared / "data/weights/cifar-resnet/resnet20-12fca82f.th")
     parser.add_argument("--data", type=Path, default=shared / "data/cifar10-jpeg")
-    parser.add_argument("--epochs", type=int, default=2, help="epochs per quantized variant")
-    parser.add_argument("--fp-epochs", type=int, default=None,
-                        help="epochs of the FP fine-tune (default: --epochs)")
+    parser.add_argument("--epochs", type=int, default=1, help="epochs per quantized variant")
+    parser.add_argument("--fp-epochs", type=int, default=2, help="epochs of the FP fine-tune")
     parser.add_argument("--seeds", default="0,1", help="comma-separated seeds per variant")
     parser.add_argument("--variants", default=DEFAULT_VARIANTS,
                         help=f"comma-separated, from: {', '.join(VARIANTS)}")
@@ -214,7 +214,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="name of the docs section the table replaces")
     parser.add_argument("--no-doc", action="store_true", help="only print the table")
     args = parser.parse_args(argv)
-    args.fp_epochs = args.fp_epochs or args.epochs
     seeds = [int(s) for s in args.seeds.split(",")]
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
     if unknown:
