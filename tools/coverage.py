@@ -1,9 +1,9 @@
 """Coverage table: timm models x recipes -> traced / quantized / forward-backward / time.
 
 Usage (from the repository root):
-    PYTHONPATH=. python tools/coverage.py                 # the 25 models of issue 3, W2A2 + W4A4
-    PYTHONPATH=. python tools/coverage.py --only --native-size convnext_nano beit_base_patch16_224
-    PYTHONPATH=. python tools/coverage.py poolformer_s12  # the 25 plus extra names
+    python tools/coverage.py                 # the 25 models of issue 3, W2A2 + W4A4
+    python tools/coverage.py --only --native-size convnext_nano beit_base_patch16_224
+    python tools/coverage.py poolformer_s12  # the 25 plus extra names
 
 The 25 run at the small inputs of ``mecqtk.graph.zoo`` unless ``--native-size``; extra names and
 ``--native-size`` run exactly as ``mecqtk doctor --model NAME`` does (default input size).
@@ -21,8 +21,11 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from mecqtk.graph.doctor import DoctorResult, check_model, doctor
-from mecqtk.graph.zoo import COVERAGE_MODELS, small_model
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from mecqtk.graph.doctor import DoctorResult, check_model, doctor  # noqa: E402
+from mecqtk.graph.zoo import COVERAGE_MODELS, small_model  # noqa: E402
 
 
 def run_one(name: str, recipe: str, native: bool) -> DoctorResult:
