@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import importlib
 import importlib.util
 import io
@@ -109,6 +110,7 @@ class Row:
     logit_absmax: float | None = None
     max_rel_dlogit: float | None = None  # max over images of max |Δ| / that image's logit range
     fq_vs_converted: float | None = None  # the tool's own converted PyTorch model vs FQ
+    converted_vs_ort: float | None = None  # that converted model vs onnxruntime
     top1_agree: float | None = None
     fq_top1: float | None = None
     ort_top1: float | None = None
@@ -134,7 +136,7 @@ def short_reason(err: BaseException, limit: int = 150) -> str:
     if "## Exception summary" in lines:
         after = lines[lines.index("## Exception summary") + 1:]
         lines = after or lines
-    line = lines[0] if lines else ""
+    line = re.sub(r"<class '(?:[\w]+\.)*(\w+)'>", r"\1", lines[0]) if lines else ""
     reason = f"{type(err).__name__}: {line}" if line else type(err).__name__
     return reason if len(reason) <= limit else reason[: limit - 1] + "…"
 
@@ -188,8 +190,8 @@ def _onnx_export(module: nn.Module, example: torch.Tensor, path: Path) -> list[s
     except Exception as legacy_err:
         raise StageError("export", f"dynamo exporter: {first}; TorchScript exporter: "
                                    f"{short_reason(legacy_err, 110)}") from legacy_err
-    return [f"default (dynamo) ONNX export fails ({first}); the deprecated TorchScript "
-            f"exporter works"]
+    return [f"torch.onnx.export's default (dynamo) exporter fails ({first}); the deprecated "
+            f"TorchScript exporter (dynamo=False) works"]
 
 
 def _to_eval(model: nn.Module) -> None:
@@ -224,7 +226,16 @@ def mecqtk_tool(label: str, recipe_name: str | None) -> Tool:
                         "INT4/INT2 weights)")
 
 
-def pt2e_tool() -> Tool:
+def _grid(bits: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(unsigned activation range, signed weight range) of a ``bits``-wide code."""
+    return (0, (1 << bits) - 1), (-(1 << (bits - 1)), (1 << (bits - 1)) - 1)
+
+
+def _label(bits: int) -> str:
+    return "W8A8" if bits == 8 else f"W{bits}A{bits} all"
+
+
+def pt2e_tool(bits: int = 8) -> Tool:
     """PT2E QAT: torchao's copy of the API when installed, else torch's own (older torch)."""
     try:
         import torchao
@@ -257,8 +268,14 @@ def pt2e_tool() -> Tool:
         batch = torch.export.Dim.AUTO
         exported = torch.export.export(model.train(), (example,),
                                        dynamic_shapes=({0: batch},)).module()
-        quantizer = X86InductorQuantizer().set_global(
-            get_default_x86_inductor_quantization_config(is_qat=True))
+        config = get_default_x86_inductor_quantization_config(is_qat=True)
+        if bits != 8:  # the same config on a narrower integer grid
+            (amin, amax), (wmin, wmax) = _grid(bits)
+            act = dataclasses.replace(config.input_activation, quant_min=amin, quant_max=amax)
+            weight = dataclasses.replace(config.weight, quant_min=wmin, quant_max=wmax)
+            config = dataclasses.replace(config, input_activation=act, output_activation=act,
+                                         weight=weight)
+        quantizer = X86InductorQuantizer().set_global(config)
         qmodel = prepare_qat_pt2e(exported, quantizer)
         _observe(qmodel, batches, move_exported_model_to_eval)
         move_exported_model_to_train(qmodel)
@@ -273,7 +290,7 @@ def pt2e_tool() -> Tool:
             converted = convert_pt2e(copy.deepcopy(qmodel))
         return _onnx_export(converted, example, path), converted
 
-    return Tool("pt2e", "W8A8", version, prepare, to_eval, export,
+    return Tool("pt2e", _label(bits), version, prepare, to_eval, export,
                 sub8bit="fake-quant at any quant_min/quant_max through a custom quantizer; "
                         "ONNX int8 containers only")
 
@@ -290,15 +307,31 @@ def _observe(qmodel: nn.Module, batches: list[torch.Tensor],
             qmodel(images)
 
 
-def fx_tool() -> Tool:
+def fx_tool(bits: int = 8) -> Tool:
     from torch.ao.nn.intrinsic.qat import freeze_bn_stats
-    from torch.ao.quantization import get_default_qat_qconfig_mapping
+    from torch.ao.quantization import (
+        FusedMovingAvgObsFakeQuantize,
+        MovingAverageMinMaxObserver,
+        MovingAveragePerChannelMinMaxObserver,
+        QConfig,
+        get_default_qat_qconfig_mapping,
+    )
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_qat_fx
+
+    mapping = get_default_qat_qconfig_mapping("x86")
+    if bits != 8:  # x86's default QAT qconfig on a narrower integer grid
+        (amin, amax), (wmin, wmax) = _grid(bits)
+        mapping.set_global(QConfig(
+            activation=FusedMovingAvgObsFakeQuantize.with_args(
+                observer=MovingAverageMinMaxObserver, quant_min=amin, quant_max=amax,
+                dtype=torch.quint8),
+            weight=FusedMovingAvgObsFakeQuantize.with_args(
+                observer=MovingAveragePerChannelMinMaxObserver, quant_min=wmin, quant_max=wmax,
+                dtype=torch.qint8, qscheme=torch.per_channel_symmetric)))
 
     def prepare(model: nn.Module, example: torch.Tensor, batches: list[torch.Tensor]):
         with quiet():
-            qmodel = prepare_qat_fx(model.train(), get_default_qat_qconfig_mapping("x86"),
-                                    (example,))
+            qmodel = prepare_qat_fx(model.train(), mapping, (example,))
         _observe(qmodel, batches)
         return qmodel.train()
 
@@ -312,28 +345,46 @@ def fx_tool() -> Tool:
             converted = convert_fx(copy.deepcopy(qmodel))
         return _onnx_export(converted, example, path), converted
 
-    return Tool("fx", "W8A8", f"torch {torch.__version__}", prepare, to_eval, export,
+    return Tool("fx", _label(bits), f"torch {torch.__version__}", prepare, to_eval, export,
                 sub8bit="fake-quant at any quant_min/quant_max through a custom QConfig; "
                         "ONNX int8 containers only")
 
 
-def brevitas_tool() -> Tool:
+def brevitas_tool(bits: int = 8) -> Tool:
     import brevitas
     from brevitas.export import export_onnx_qcdq
     from brevitas.graph.calibrate import calibration_mode
-    from brevitas.graph.quantize import COMPUTE_LAYER_MAP, preprocess_for_quantize, quantize
+    from brevitas.graph.quantize import (
+        COMPUTE_LAYER_MAP,
+        QUANT_ACT_MAP,
+        QUANT_IDENTITY_MAP,
+        preprocess_for_quantize,
+        quantize,
+    )
     from brevitas.quant import Int8WeightPerChannelFloat
 
-    # its default layer map, with per-channel instead of per-tensor weights
-    layer_map = {
-        layer: (spec if spec is None or "weight_quant" not in spec[1]
-                else (spec[0], {**spec[1], "weight_quant": Int8WeightPerChannelFloat}))
-        for layer, spec in COMPUTE_LAYER_MAP.items()
-    }
+    def narrow(quant):  # a Brevitas quantizer class at ``bits`` (unchanged at 8)
+        return quant if bits == 8 else quant.let(bit_width=bits)
+
+    def remap(table: dict, key: str, replace=None) -> dict:
+        out = {}
+        for layer, spec in table.items():
+            if spec is None or key not in spec[1]:
+                out[layer] = spec
+            else:
+                quant = replace or spec[1][key]
+                out[layer] = (spec[0], {**spec[1], key: narrow(quant)})
+        return out
+
+    # its default maps, with per-channel instead of per-tensor weights
+    layer_map = remap(COMPUTE_LAYER_MAP, "weight_quant", Int8WeightPerChannelFloat)
+    act_map = remap(QUANT_ACT_MAP, "act_quant")
+    identity_map = remap(QUANT_IDENTITY_MAP, "act_quant")
 
     def prepare(model: nn.Module, example: torch.Tensor, batches: list[torch.Tensor]):
         with quiet():
-            qmodel = quantize(preprocess_for_quantize(model), compute_layer_map=layer_map)
+            qmodel = quantize(preprocess_for_quantize(model), compute_layer_map=layer_map,
+                              quant_act_map=act_map, quant_identity_map=identity_map)
             qmodel.eval()
             with torch.no_grad(), calibration_mode(qmodel):
                 for images in batches:
@@ -355,36 +406,37 @@ def brevitas_tool() -> Tool:
                                        f"{short_reason(legacy_err, 110)}") from legacy_err
         return [f"default (dynamo) QCDQ export fails ({first}); dynamo=False works"], None
 
-    return Tool("brevitas", "W8A8", f"brevitas {brevitas.__version__}", prepare,
+    return Tool("brevitas", _label(bits), f"brevitas {brevitas.__version__}", prepare,
                 _to_eval, export,
                 sub8bit="any bit width (bit_width=...); QCDQ ONNX with Clip below 8 bits")
 
 
-TOOL_FACTORIES: dict[str, tuple[str | None, Callable[[], list[Tool]]]] = {
-    # name: (package that must be importable, factory)
-    "mecqtk": (None, lambda: [mecqtk_tool("W8A8", None), mecqtk_tool("W4A4", "w4a4_lsq.yaml")]),
-    "pt2e": (None, lambda: [pt2e_tool()]),
-    "fx": (None, lambda: [fx_tool()]),
-    "brevitas": ("brevitas", lambda: [brevitas_tool()]),
+TOOL_FACTORIES: dict[str, tuple[str | None, Callable[[list[int]], list[Tool]]]] = {
+    # name: (package that must be importable, factory of its variants for the peer bit widths)
+    "mecqtk": (None, lambda bits: [mecqtk_tool("W8A8", None),
+                                   mecqtk_tool("W4A4 1st/last 8", "w4a4_lsq.yaml")]),
+    "pt2e": (None, lambda bits: [pt2e_tool(b) for b in bits]),
+    "fx": (None, lambda bits: [fx_tool(b) for b in bits]),
+    "brevitas": ("brevitas", lambda bits: [brevitas_tool(b) for b in bits]),
 }
 
 
-def load_tools(names: list[str]) -> tuple[list[Tool], list[Row]]:
+def load_tools(names: list[str], peer_bits: list[int]) -> tuple[list[Tool], list[Row]]:
     """The tools that import, and a row for each one that does not."""
     tools: list[Tool] = []
     missing: list[Row] = []
     for name in names:
         package, factory = TOOL_FACTORIES[name]
         if package and importlib.util.find_spec(package) is None:
-            missing.append(Row(name, "-", "W8A8", status="not installed",
+            missing.append(Row(name, "-", "-", status="not installed",
                                error=f"{package} is not installed ({INSTALL_HINT})"))
             continue
         try:
             with quiet():
-                tools += factory()
+                tools += factory(peer_bits)
         except Exception as err:  # an unusable peer is a result
             status = "not installed" if isinstance(err, ImportError) else "import failed"
-            missing.append(Row(name, "-", "W8A8", status=status,
+            missing.append(Row(name, "-", "-", status=status,
                                error=f"{short_reason(err)} ({INSTALL_HINT})"))
     return tools, missing
 
@@ -492,6 +544,32 @@ def ort_logits(path: Path, images: torch.Tensor, threads: int) -> np.ndarray:
     return np.concatenate(chunks).astype(np.float32)
 
 
+def narrow_quantize_nodes(path: Path) -> tuple[int, int]:
+    """(QuantizeLinear nodes whose codes are held below 8 bits, all QuantizeLinear nodes): a
+    narrower grid needs a Clip on the codes or a 4/2-bit output type; otherwise onnxruntime
+    saturates at the full 8-bit range whatever grid the model trained on."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    narrow_types = {getattr(onnx.TensorProto, name) for name in ("INT4", "UINT4", "INT2", "UINT2")
+                    if hasattr(onnx.TensorProto, name)}
+    initializers = {init.name: init.data_type for init in graph.initializer}
+    constants = {n.output[0]: n.attribute[0].t.data_type for n in graph.node
+                 if n.op_type == "Constant" and n.attribute and n.attribute[0].HasField("t")}
+    consumers: dict[str, list[str]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node.op_type)
+    quantize = [n for n in graph.node if n.op_type == "QuantizeLinear"]
+    narrowed = 0
+    for node in quantize:
+        zero_point = node.input[2] if len(node.input) > 2 else ""
+        dtype = initializers.get(zero_point, constants.get(zero_point))
+        if dtype in narrow_types or "Clip" in consumers.get(node.output[0], []):
+            narrowed += 1
+    return narrowed, len(quantize)
+
+
 def top1(logits: np.ndarray, labels: torch.Tensor) -> float:
     return 100.0 * float((logits.argmax(1) == labels.numpy()).mean())
 
@@ -567,16 +645,21 @@ def run_row(tool: Tool, subject: Subject, args: argparse.Namespace, folder: Path
         with quiet():
             tool.to_eval(qmodel)
             fq = eval_logits(qmodel, subject.test_images)
-        path = folder / f"{subject.name}_{tool.name}_{tool.bits}.onnx"
+        stem = re.sub(r"\W+", "_", f"{subject.name}_{tool.name}_{tool.bits}")
+        path = folder / f"{stem}.onnx"
         start = time.perf_counter()
         with quiet():
             notes, converted = tool.export(qmodel, example, path)
         row.notes += notes
         row.export_s = time.perf_counter() - start
+        converted_logits = None
         if converted is not None:
             with quiet():
-                row.fq_vs_converted = float(np.abs(
-                    eval_logits(converted, subject.test_images) - fq).max())
+                converted_logits = eval_logits(converted, subject.test_images)
+            row.fq_vs_converted = float(np.abs(converted_logits - fq).max())
+        if row.bits != "W8A8":
+            narrowed, total = narrow_quantize_nodes(path)
+            row.notes.append(f"ONNX: {narrowed} of {total} QuantizeLinear narrowed below 8 bits")
         row.onnx_mb = path.stat().st_size / 1e6
         row.stages[stage] = True
 
@@ -584,6 +667,8 @@ def run_row(tool: Tool, subject: Subject, args: argparse.Namespace, folder: Path
         with quiet():
             ort_out = ort_logits(path, subject.test_images, args.threads)
         row.stages[stage] = True
+        if converted_logits is not None:
+            row.converted_vs_ort = float(np.abs(converted_logits - ort_out).max())
     except Exception as err:  # a failure is a result
         if args.traceback:
             traceback.print_exception(err, file=sys.__stderr__)
@@ -732,6 +817,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="CIFAR-10 test images for parity (a multiple of 32; default 256)")
     parser.add_argument("--threads", type=int, default=2,
                         help="torch and onnxruntime intra-op threads (default 2)")
+    parser.add_argument("--peer-bits", default="8",
+                        help="bit widths for the peers, e.g. 8,4 (below 8: their default QAT "
+                             "config on a narrower grid, every layer; default 8)")
     parser.add_argument("--eager", action="store_true",
                         help="mecqtk's eager fake-quant kernels instead of the compiled ones")
     parser.add_argument("--json", type=Path, help="write environment and rows as JSON here")
@@ -742,6 +830,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.model_names = (list(COVERAGE_MODELS) if args.models == "zoo"
                         else [m.strip() for m in args.models.split(",") if m.strip()])
+    try:
+        args.bits_list = [int(b) for b in args.peer_bits.split(",")]
+    except ValueError:
+        parser.error(f"--peer-bits takes integers, got {args.peer_bits!r}")
+    if not all(2 <= b <= 8 for b in args.bits_list):
+        parser.error("--peer-bits must lie in 2..8")
     args.tool_names = [t.strip() for t in args.tools.split(",") if t.strip()]
     unknown = sorted(set(args.tool_names) - set(TOOL_FACTORIES))
     if unknown:
@@ -758,7 +852,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     logging.getLogger("torch").setLevel(logging.ERROR)
     use_compiled_kernels(not args.eager)
-    tools, rows = load_tools(args.tool_names)
+    tools, rows = load_tools(args.tool_names, args.bits_list)
     env = environment(args, tools)
     wall = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
