@@ -249,19 +249,24 @@ def pt2e_tool(bits: int = 8) -> Tool:
             get_default_x86_inductor_quantization_config,
         )
         version = f"torchao {torchao.__version__}"
-    except ImportError:
-        from torch.ao.quantization import (  # type: ignore[attr-defined]
-            move_exported_model_to_eval,
-            move_exported_model_to_train,
-        )
-        from torch.ao.quantization.quantize_pt2e import (  # type: ignore[import-not-found]
-            convert_pt2e,
-            prepare_qat_pt2e,
-        )
-        from torch.ao.quantization.quantizer.x86_inductor_quantizer import (  # type: ignore
-            X86InductorQuantizer,
-            get_default_x86_inductor_quantization_config,
-        )
+    except ImportError as torchao_err:
+        try:
+            from torch.ao.quantization import (  # type: ignore[attr-defined]
+                move_exported_model_to_eval,
+                move_exported_model_to_train,
+            )
+            from torch.ao.quantization.quantize_pt2e import (  # type: ignore[import-not-found]
+                convert_pt2e,
+                prepare_qat_pt2e,
+            )
+            from torch.ao.quantization.quantizer.x86_inductor_quantizer import (  # type: ignore
+                X86InductorQuantizer,
+                get_default_x86_inductor_quantization_config,
+            )
+        except ImportError as torch_err:
+            raise ImportError(
+                f"torchao is not usable ({short_reason(torchao_err, 80)}) and torch "
+                f"{torch.__version__} has no PT2E QAT of its own") from torch_err
         version = f"torch.ao (torch {torch.__version__})"
 
     def prepare(model: nn.Module, example: torch.Tensor, batches: list[torch.Tensor]):
@@ -437,7 +442,7 @@ def load_tools(names: list[str], peer_bits: list[int]) -> tuple[list[Tool], list
         except Exception as err:  # an unusable peer is a result
             status = "not installed" if isinstance(err, ImportError) else "import failed"
             missing.append(Row(name, "-", "-", status=status,
-                               error=f"{short_reason(err)} ({INSTALL_HINT})"))
+                               error=f"{short_reason(err, 240)} ({INSTALL_HINT})"))
     return tools, missing
 
 
@@ -750,7 +755,7 @@ def environment(args: argparse.Namespace, tools: list[Tool]) -> dict[str, Any]:
 
 def describe(env: dict[str, Any]) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
-    tools = ", ".join(f"{k}: {v}" for k, v in env["tools"].items())
+    tools = ", ".join(f"{k}: {v}" for k, v in env["tools"].items()) or "no tool ran"
     models = "; ".join(f"{name} at {m['input']}x{m['input']} ({m['weights']})"
                        for name, m in env["models"].items())
     return (f"{versions} ({tools}); {env['cpu_count']} CPUs. Models: {models}. Step time: "
@@ -853,6 +858,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("torch").setLevel(logging.ERROR)
     use_compiled_kernels(not args.eager)
     tools, rows = load_tools(args.tool_names, args.bits_list)
+    if not tools:
+        args.model_names = []
     env = environment(args, tools)
     wall = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
