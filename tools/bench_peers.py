@@ -102,6 +102,8 @@ class Row:
     fp_step_s: float | None = None
     qat_step_s: float | None = None
     step_ratio: float | None = None
+    fp_times: list[float] = field(default_factory=list)  # the timed steps, seconds
+    qat_times: list[float] = field(default_factory=list)
     prepare_s: float | None = None
     export_s: float | None = None
     onnx_mb: float | None = None
@@ -598,9 +600,9 @@ def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
 
 
 def interleaved_step_times(fp: nn.Module, qat: nn.Module, subject: Subject,
-                           args: argparse.Namespace) -> tuple[float, float, bool]:
-    """Median FP and QAT step seconds (alternating steps after warm-up); whether every QAT
-    loss stayed finite."""
+                           args: argparse.Namespace) -> tuple[list[float], list[float], bool]:
+    """FP and QAT step seconds (alternating steps, after warm-up); whether every QAT loss
+    stayed finite."""
     fp_opt, qat_opt = make_optimizer(fp, args.lr), make_optimizer(qat, args.lr)
     fp_times: list[float] = []
     qat_times: list[float] = []
@@ -614,7 +616,7 @@ def interleaved_step_times(fp: nn.Module, qat: nn.Module, subject: Subject,
                 times.append(elapsed)
             if model is qat:
                 finite &= bool(torch.isfinite(loss))
-    return statistics.median(fp_times), statistics.median(qat_times), finite
+    return fp_times, qat_times, finite
 
 
 def run_row(tool: Tool, subject: Subject, args: argparse.Namespace, folder: Path) -> Row:
@@ -639,9 +641,12 @@ def run_row(tool: Tool, subject: Subject, args: argparse.Namespace, folder: Path
         if not math.isfinite(row.loss):
             raise StageError(stage, f"loss is {row.loss} at the first step")
         with quiet():
-            fp_s, qat_s, finite = interleaved_step_times(
+            fp_times, qat_times, finite = interleaved_step_times(
                 copy.deepcopy(subject.model), qmodel, subject, args)
-        row.fp_step_s, row.qat_step_s, row.step_ratio = fp_s, qat_s, qat_s / fp_s
+        row.fp_times = [round(t, 4) for t in fp_times]
+        row.qat_times = [round(t, 4) for t in qat_times]
+        row.fp_step_s, row.qat_step_s = statistics.median(fp_times), statistics.median(qat_times)
+        row.step_ratio = row.qat_step_s / row.fp_step_s
         if not finite:
             row.notes.append("loss not finite in a later step")
         row.stages[stage] = True
@@ -822,9 +827,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="CIFAR-10 test images for parity (a multiple of 32; default 256)")
     parser.add_argument("--threads", type=int, default=2,
                         help="torch and onnxruntime intra-op threads (default 2)")
-    parser.add_argument("--peer-bits", default="8",
+    parser.add_argument("--peer-bits", default="8,4",
                         help="bit widths for the peers, e.g. 8,4 (below 8: their default QAT "
-                             "config on a narrower grid, every layer; default 8)")
+                             "config on a narrower grid, every layer; default 8,4)")
     parser.add_argument("--eager", action="store_true",
                         help="mecqtk's eager fake-quant kernels instead of the compiled ones")
     parser.add_argument("--json", type=Path, help="write environment and rows as JSON here")
