@@ -8,26 +8,30 @@ model in eval mode against onnxruntime running its exported file, on real CIFAR-
 (max |delta logit|, top-1 agreement, and both top-1 accuracies).
 
 Tools (peers are optional: `pip install -e ".[peers]"`; a missing one gives a "not installed"
-row):
-  mecqtk   prepare() + calibrate() with a W8A8 recipe (as the peers) and w4a4_lsq.yaml, its own
-           integer ONNX export (qcdq); fake-quant kernels compiled as in `mecqtk quantize`.
+row, never a crash):
+  mecqtk   prepare() + calibrate() with a W8A8 recipe (as the peers) and w4a4_lsq.yaml (first and
+           last layer 8-bit), snap_biases() before evaluation, its own integer ONNX export (qcdq);
+           fake-quant kernels compiled as `mecqtk quantize` does (--eager: not).
   pt2e     torch.export + prepare_qat_pt2e with the X86InductorQuantizer's default QAT config
            (per-channel int8 weights, uint8 activations), convert_pt2e, torch.onnx.export. From
            torchao (torchao.quantization.pt2e) when installed, else torch.ao.quantization.
   fx       torch.ao.quantization prepare_qat_fx with get_default_qat_qconfig_mapping("x86"),
            convert_fx, torch.onnx.export.
-  brevitas preprocess_for_quantize + quantize (graph mode, per-channel int8 weights, its default
-           8-bit activations), calibration_mode, export_onnx_qcdq.
-  Every tool trains at 8 bits; mecqtk also at 4 (W4A4, first/last layer 8-bit).
+  brevitas preprocess_for_quantize + quantize (graph mode; its default maps with per-channel
+           weights), calibration_mode, export_onnx_qcdq.
+  Peers run at every width of --peer-bits (default 8,4): below 8 bits, their default config on
+  the narrower integer grid for every layer; the notes then count the QuantizeLinear nodes whose
+  codes the ONNX file really keeps below 8 bits (a Clip or a 4/2-bit type).
+  Where torch.onnx's default (dynamo) exporter fails, the deprecated TorchScript exporter is
+  tried and the note says so.
 
-Models: cifar_resnet20 loads the shared checkpoint; timm models have random weights with
-trained-looking BatchNorm statistics (no hub access) and run at 32x32 (the zoo's own small size
-for the few that need more). Where torch.onnx.export's default (dynamo) exporter fails, the
-deprecated TorchScript exporter is tried and the note says so.
+Models: cifar_resnet20/32/44/56 load the shared checkpoints. Other timm models (no hub access)
+are trained from scratch for --fp-steps full-precision steps first, so their predictions depend
+on the image; they run at 32x32 (the zoo's own small size for the few that need more).
 
-Example (from the repository root; about 5 minutes on 2 CPU cores):
-    MECQTK_SHARED=../shared python tools/bench_peers.py --markdown peers.md --json peers.json
-    python tools/bench_peers.py --models zoo --tools pt2e,fx --steps 3 --warmup 1
+Examples (from the repository root, with the shared folder at ../shared or $MECQTK_SHARED):
+    python tools/bench_peers.py --markdown peers.md --json peers.json   # ~5-10 min, 2 cores
+    python tools/bench_peers.py --models zoo --peer-bits 8 --warmup 1 --steps 3 --fp-steps 0
 """
 
 from __future__ import annotations
