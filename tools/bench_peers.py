@@ -30,7 +30,8 @@ are trained from scratch for --fp-steps full-precision steps first, so their pre
 on the image; they run at 32x32 (the zoo's own small size for the few that need more).
 
 Examples (from the repository root, with the shared folder at ../shared or $MECQTK_SHARED):
-    python tools/bench_peers.py --markdown peers.md --json peers.json   # ~5-10 min, 2 cores
+    python tools/bench_peers.py --markdown peers.md --json peers.json
+    python tools/bench_peers.py --threads 1   # busy machine: ~6 min on 2 shared cores
     python tools/bench_peers.py --models zoo --peer-bits 8 --warmup 1 --steps 3 --fp-steps 0
 """
 
@@ -728,7 +729,7 @@ def cells(row: Row) -> list[str]:
         *(_stage_cell(row, stage) for stage in STAGES),
         _fmt(row.step_ratio, ".2f", "×"),
         _fmt(row.max_abs_dlogit, ".3g"), _fmt(row.max_rel_dlogit, ".3f"),
-        _fmt(row.fq_vs_converted, ".3g"),
+        _fmt(row.fq_vs_converted, ".3g"), _fmt(row.converted_vs_ort, ".3g"),
         _fmt(row.top1_agree, ".1f", " %"),
         _fmt(row.fq_top1, ".1f"), _fmt(row.ort_top1, ".1f"), _fmt(row.fp_top1, ".1f"),
         note,
@@ -736,16 +737,17 @@ def cells(row: Row) -> list[str]:
 
 
 HEADERS = ["tool", "model", "bits", "prepare", "train", "export", "ORT", "step × FP",
-           "max |Δlogit|", "rel. Δ", "FQ vs conv.", "top-1 agree", "FQ top-1", "ORT top-1",
-           "FP top-1", "notes"]
+           "max |Δlogit|", "rel. Δ", "FQ vs conv.", "conv. vs ORT", "top-1 agree", "FQ top-1",
+           "ORT top-1", "FP top-1", "notes"]
 
 
 COLUMNS = (
     "Columns: stages ok / FAIL / · (not reached). `step × FP`: median QAT step time over the "
     "median FP step time. `max |Δlogit|`: largest logit difference between the fake-quant "
     "model in eval mode and onnxruntime running the exported file; `rel. Δ`: the largest "
-    "per-image max |Δlogit| divided by that image's logit range. `FQ vs conv.`: max |Δlogit| "
-    "between the fake-quant model and the tool's own converted PyTorch model. Top-1 columns: "
+    "per-image max |Δlogit| divided by that image's logit range. `FQ vs conv.` / `conv. vs "
+    "ORT`: max |Δlogit| between the tool's own converted PyTorch model and the fake-quant model "
+    "/ onnxruntime (tools that convert before exporting). Top-1 columns: "
     "accuracy on the same test images (FP: the float model before QAT).")
 
 
@@ -830,7 +832,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--test-images", type=int, default=256,
                         help="CIFAR-10 test images for parity (a multiple of 32; default 256)")
     parser.add_argument("--threads", type=int, default=2,
-                        help="torch and onnxruntime intra-op threads (default 2)")
+                        help="torch and onnxruntime intra-op threads (default 2; on a machine "
+                             "shared with other jobs, 1 gives far steadier step times)")
     parser.add_argument("--peer-bits", default="8,4",
                         help="bit widths for the peers, e.g. 8,4 (below 8: their default QAT "
                              "config on a narrower grid, every layer; default 8,4)")
