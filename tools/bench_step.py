@@ -11,11 +11,15 @@ import argparse
 import dataclasses
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mecqtk import calibrate, load_recipe, prepare
 from mecqtk.models import create_model
