@@ -13,6 +13,7 @@ from torch import nn
 
 from mecqtk.errors import ExportError
 from mecqtk.export.lower import Lowering, function_handler, method_handler, module_handler
+from mecqtk.export.qparams import QuantParams
 
 
 def _arg(node: fx.Node, index: int, name: str, default: object = None) -> object:
@@ -129,20 +130,19 @@ def _pool(ctx: Lowering, node: fx.Node, op_type: str, kernel: object, stride: ob
     pads = _pair(padding, dims) * 2
     source = ctx.tensor(node.args[0], node)
     grid = ctx.quantized.get(source) if op_type == "MaxPool" else None
+    if grid is not None and grid.axis is not None:
+        grid = None  # a per-channel grid: left as it is
     name = node.name if grid is None else f"{node.name}_pooled"
     pooled = ctx.builder.node(op_type, [source], name, kernel_shape=kernel_shape,
                               strides=strides, pads=pads, ceil_mode=int(bool(ceil_mode)), **extra)
-    if grid is None or grid.axis is not None:
-        return pooled
-    return _regrid(ctx, node, pooled, source)
+    return pooled if grid is None else _regrid(ctx, node, pooled, grid)
 
 
-def _regrid(ctx: Lowering, node: fx.Node, pooled: str, source: str) -> str:
+def _regrid(ctx: Lowering, node: fx.Node, pooled: str, grid: QuantParams) -> str:
     """Max-pooling a quantized tensor picks values already on its grid: re-quantizing with the
     input's own scale and zero point is exact, and it lets onnxruntime run the pool on the
     integer codes (it drops a DequantizeLinear -> MaxPool -> QuantizeLinear with equal
     parameters) instead of dequantizing the largest activation of the network to float."""
-    grid = ctx.quantized[source]
     b = ctx.builder
     scale = b.initializer(f"{node.name}_scale", grid.scale)
     zero_point = b.initializer(f"{node.name}_zero_point", grid.storage_zero_point)

@@ -37,9 +37,10 @@ def _swap_weight_quantized(
 
 def _activation_quantizer(
     gm: fx.GraphModule, source: fx.Node, spec: QuantSpec,
-    made: dict[tuple[str, QuantSpec], fx.Node],
+    made: dict[tuple[str, QuantSpec], fx.Node], reads: fx.Node | None = None,
 ) -> fx.Node:
-    """The node quantizing ``source`` with ``spec``; one per (value, spec), shared by consumers."""
+    """The node quantizing ``source`` with ``spec``; one per (value, spec), shared by consumers.
+    It reads ``reads`` when given (another quantizer of ``source``), else ``source`` itself."""
     key = (source.name, spec)
     if key in made:
         return made[key]
@@ -47,8 +48,9 @@ def _activation_quantizer(
     if hasattr(gm, name):
         name = f"{name}_{'s' if spec.signed else 'u'}{spec.bits}"
     gm.add_submodule(name, make_quantizer(spec))
-    with gm.graph.inserting_after(source):
-        node = gm.graph.call_module(name, (source,))
+    reads = reads or source
+    with gm.graph.inserting_after(reads):
+        node = gm.graph.call_module(name, (reads,))
     made[key] = node
     return node
 
@@ -94,13 +96,7 @@ def _planned_quantizer(
         return _activation_quantizer(gm, source, planned, made)
     widest, own = planned
     stored = _activation_quantizer(gm, source, widest, made)
-    key = (source.name, own)
-    if key not in made:
-        name = f"{ACT_PREFIX}{source.name}_{'s' if own.signed else 'u'}{own.bits}"
-        gm.add_submodule(name, make_quantizer(own))
-        with gm.graph.inserting_after(stored):
-            made[key] = gm.graph.call_module(name, (stored,))
-    return made[key]
+    return _activation_quantizer(gm, source, own, made, reads=stored)
 
 
 def _fold_bn(gm: fx.GraphModule, node: fx.Node, name: str, bn_name: str,
