@@ -27,6 +27,13 @@ from mecqtk.errors import MecqtkError
 from mecqtk.graph import prepare
 from mecqtk.io import append_jsonl, atomic_torch_save, atomic_write_text
 from mecqtk.models import create_model
+from mecqtk.outcome import (
+    IncompleteRunError,
+    StageOutcome,
+    export_stage,
+    failure_message,
+    report_stage,
+)
 from mecqtk.progress import progress_bar, say
 from mecqtk.quant.arith import use_compiled_kernels
 from mecqtk.quant.bn_fold import bn_epoch_start
@@ -88,11 +95,14 @@ class RunSummary:
     resumed_from_step: int | None = None
     world_size: int = 1
     history: list[dict[str, Any]] = field(default_factory=list)
+    # "export" and "report": what the end stages did (verified / written / failed / skipped)
+    stages: dict[str, StageOutcome] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
         keys = ("model", "recipe", "fp_top1", "quant_top1", "epochs", "wall_seconds", "out",
                 "calibrated_top1", "resumed_from_step", "world_size")
-        return {k: getattr(self, k) for k in keys}
+        return {**{k: getattr(self, k) for k in keys},
+                **{stage: outcome.as_json() for stage, outcome in self.stages.items()}}
 
 
 def resolve_device(device: str) -> torch.device:
@@ -410,6 +420,8 @@ class _Run:
                           steps=stats.steps, term_sums=dict(zip(keys, totals[4:], strict=True)))
 
     def finish(self) -> RunSummary:
+        """Write summary.json, export + verify, report: in an order where a failing export or
+        report still leaves the summary and the checkpoint, then fail the command."""
         summary = RunSummary(
             model=self.options.model, recipe=self.recipe.name, fp_top1=self.fp_top1,
             quant_top1=self.quant_top1, epochs=self.recipe.train.epochs,
@@ -418,30 +430,29 @@ class _Run:
             resumed_from_step=self.resumed_from_step, world_size=self.context.world_size,
             history=self.history,
         )
-        if self.context.is_main:
-            extra: dict[str, Any] = {}
-            if self.options.export:
-                extra = self.export_and_verify()
-            self.run_dir.write_summary({**summary.as_json(), **extra})
-            if self.options.report:
-                self.write_report()
+        if not self.context.is_main:
+            return summary
+        # "pending" stays in summary.json only if the process dies inside that stage
+        outcomes: dict[str, StageOutcome] = {
+            "export": StageOutcome("pending") if self.options.export
+            else StageOutcome("skipped", reason="--no-export"),
+            "report": StageOutcome("pending") if self.options.report
+            else StageOutcome("skipped", reason="--no-report"),
+        }
+        summary.stages = outcomes
+        # written before the end stages run: a crash inside them leaves a summary
+        self.run_dir.write_summary(summary.as_json())
+        if self.options.export:
+            outcomes["export"] = export_stage(self.run_dir.path, self.options.data,
+                                              self.options.limit_val, self.show, self.say)
+            self.run_dir.write_summary(summary.as_json())
+        if self.options.report:
+            outcomes["report"] = report_stage(self.run_dir.path, self.write_report)
+            self.run_dir.write_summary(summary.as_json())
+        message = failure_message(self.run_dir.path, outcomes)
+        if message is not None:
+            raise IncompleteRunError(message, summary)
         return summary
-
-    def export_and_verify(self) -> dict[str, Any]:
-        from mecqtk.export import export_and_verify
-
-        self.say("exporting integer ONNX and verifying it with onnxruntime")
-        exported, report = export_and_verify(
-            self.run_dir.path, self.options.data, n=self.options.limit_val,
-            show_progress=self.show,
-        )
-        verdict = "passed" if report.passed else "FAILED"
-        self.say(f"ONNX {exported.model_path}: top-1 agreement {report.top1_agreement_pct:.2f} % "
-                 f"({verdict}), onnx top-1 {report.onnx_top1_pct:.2f} %, "
-                 f"max |dlogit| {report.max_abs_logit_diff:.3g}")
-        return {"onnx": str(exported.model_path),
-                "onnx_top1_agreement_pct": report.top1_agreement_pct,
-                "onnx_top1_pct": report.onnx_top1_pct, "verify_passed": report.passed}
 
     def write_report(self) -> None:
         from mecqtk.report import ReportOptions, write_report

@@ -1,0 +1,139 @@
+"""The end stages of `mecqtk quantize` (export + verify, report) run so that a failure in them
+never loses the trained run: each returns an outcome that summary.json records, instead of
+raising past the code that writes the summary.
+
+A failed stage still fails the command: :class:`IncompleteRunError` is raised after every file
+of the run folder has been written, with one line naming what failed and how to retry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from mecqtk.errors import MecqtkError
+from mecqtk.io import atomic_write_text
+
+Status = Literal["verified", "written", "failed", "skipped", "pending"]
+
+# A quantize run whose ONNX file agrees with the trained model on fewer top-1 decisions than
+# this has not produced a deployable file (the same default `mecqtk verify` applies).
+EXPORT_AGREEMENT_THRESHOLD_PCT = 99.0
+# Full tracebacks of failed end stages go here, in the run folder, for bug reports.
+STAGE_ERROR_LOG = "{stage}-error.log"
+
+
+@dataclass
+class StageOutcome:
+    """What happened to one end stage; ``as_json`` is its entry in summary.json.
+
+    Attributes:
+        status: ``verified`` (export checked by onnxruntime), ``written`` (report),
+            ``failed``, ``skipped``, or ``pending`` (still running, or the process died in it).
+        reason: One line saying why the stage failed or was skipped (None when it succeeded).
+        failing_node: The FX node the failure is attributed to, when one is known.
+        retry: The command that redoes this stage on the run folder.
+        details: Numbers of a stage that ran (the ONNX path, top-1 agreement, ...).
+    """
+
+    status: Status
+    reason: str | None = None
+    failing_node: str | None = None
+    retry: str | None = None
+    details: dict[str, Any] | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.status == "failed"
+
+    def as_json(self) -> dict[str, Any]:
+        data = {k: v for k, v in asdict(self).items() if k != "details" and v is not None}
+        return {**data, **(self.details or {})}
+
+
+class IncompleteRunError(MecqtkError):
+    """Training finished and the run folder is complete, but an end stage (export, verify or
+    report) failed; the message names it and the command that retries it."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, summary: Any = None) -> None:
+        super().__init__(message)
+        self.summary = summary
+
+
+def one_line(err: BaseException) -> str:
+    """The first line of an exception's message, with its type when it is not a user error."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    if isinstance(err, MecqtkError):
+        return text or type(err).__name__
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def export_stage(run_dir: Path, data: str, n: int | None, show_progress: bool,
+                 say: Callable[[str], None],
+                 threshold_pct: float = EXPORT_AGREEMENT_THRESHOLD_PCT) -> StageOutcome:
+    """Export the run to integer ONNX and verify it on ``n`` images of ``data``; never raises
+    (besides KeyboardInterrupt): any error, and an agreement below ``threshold_pct``, is a
+    ``failed`` outcome."""
+    from mecqtk.export import export_and_verify
+
+    retry = f"mecqtk export {run_dir} && mecqtk verify {run_dir} --data {data}"
+    say("exporting integer ONNX and verifying it with onnxruntime")
+    try:
+        exported, report = export_and_verify(run_dir, data, n=n, threshold_pct=threshold_pct,
+                                             show_progress=show_progress)
+    except Exception as err:  # any exporter bug must still leave a summary
+        _log_traceback(run_dir, "export", err)
+        return StageOutcome("failed", reason=one_line(err),
+                            failing_node=getattr(err, "node", None), retry=retry)
+    details = {
+        "onnx": str(exported.model_path),
+        "top1_agreement_pct": report.top1_agreement_pct,
+        "threshold_pct": threshold_pct,
+        "onnx_top1_pct": report.onnx_top1_pct,
+        "torch_top1_pct": report.torch_top1_pct,
+        "max_abs_logit_diff": report.max_abs_logit_diff,
+        "images": report.n,
+    }
+    say(f"ONNX {exported.model_path}: top-1 agreement {report.top1_agreement_pct:.2f} % "
+        f"(needs {threshold_pct:g} %), onnx top-1 {report.onnx_top1_pct:.2f} %, "
+        f"max |dlogit| {report.max_abs_logit_diff:.3g}")
+    if report.top1_agreement_pct >= threshold_pct:
+        return StageOutcome("verified", details=details)
+    return StageOutcome(
+        "failed",
+        reason=(f"the ONNX file agrees with the trained model on {report.top1_agreement_pct:.2f} "
+                f"% of top-1 decisions (needs {threshold_pct:g} %)"),
+        failing_node=report.first_diverging_layer, retry=retry, details=details,
+    )
+
+
+def report_stage(run_dir: Path, write: Callable[[], None]) -> StageOutcome:
+    """Run ``write`` (the per-layer report); any error is a ``failed`` outcome, not a raise."""
+    try:
+        write()
+    except Exception as err:  # the summary must survive a report bug
+        _log_traceback(run_dir, "report", err)
+        return StageOutcome("failed", reason=one_line(err), retry=f"mecqtk report {run_dir}")
+    return StageOutcome("written")
+
+
+def failure_message(run_dir: Path, outcomes: dict[str, StageOutcome]) -> str | None:
+    """One line for the first failed stage (None when none failed)."""
+    for stage, outcome in outcomes.items():
+        if outcome.failed:
+            where = f" at node {outcome.failing_node}" if outcome.failing_node else ""
+            return (f"{stage} failed{where}: {outcome.reason}; the trained run is kept in "
+                    f"{run_dir} (summary.json, checkpoint.pt); retry with `{outcome.retry}`")
+    return None
+
+
+def _log_traceback(run_dir: Path, stage: str, err: BaseException) -> None:
+    text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    with contextlib.suppress(OSError):  # a convenience; the summary still records the reason
+        atomic_write_text(run_dir / STAGE_ERROR_LOG.format(stage=stage), text)
