@@ -39,8 +39,10 @@ def test_quantize_writes_a_complete_run_folder(shared_dir, tmp_path):
     assert resolved["quant"]["weight"]["bits"] == 4 and resolved["train"]["epochs"] == 1
     assert (out / "report.json").is_file() and (out / "report.html").is_file()
     # integer ONNX exported and checked against the trained model with onnxruntime
-    assert Path(written["onnx"]).is_file()
-    assert written["verify_passed"] and written["onnx_top1_agreement_pct"] >= 99.0
+    export = written["export"]
+    assert export["status"] == "verified" and Path(export["onnx"]).is_file()
+    assert export["top1_agreement_pct"] >= export["threshold_pct"] == 99.0
+    assert written["report"] == {"status": "written"}
     # the run folder rebuilds the trained model exactly
     qmodel, info, _ = load_quantized_model(out)
     assert info.model == "cifar_resnet20" and info.num_classes == 10

@@ -1,0 +1,134 @@
+"""A failing export, verify or report at the end of `mecqtk quantize` never loses the run:
+summary.json and the checkpoint are written, and the command fails with one retry line."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import mecqtk.export
+import mecqtk.report
+from mecqtk.cli import main
+from mecqtk.errors import ExportError
+from mecqtk.export import export_run, verify_run
+
+
+@pytest.fixture
+def quantize_r20(shared_dir, tmp_path):
+    """Runs `mecqtk quantize` on cifar_resnet20 (calibration only) with extra options."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "quant: {weight: {bits: 4, granularity: per_channel}, activation: {bits: 4}}\n"
+        "train: {epochs: 0, batch_size: 32, eval_batch_size: 100, fused_quantizers: false}\n"
+    )
+    out = tmp_path / "run"
+    data = f"imagefolder:{shared_dir / 'data/cifar10-jpeg'}"
+
+    def run(*extra: str):
+        result = CliRunner().invoke(main, [
+            "quantize", "--model", "cifar_resnet20",
+            "--checkpoint", str(shared_dir / "data/weights/cifar-resnet/resnet20-12fca82f.th"),
+            "--recipe", str(recipe), "--data", data, "--limit-train", "64",
+            "--limit-val", "100", "--out", str(out), "--no-progress", "--json", *extra,
+        ])
+        summary = json.loads((out / "summary.json").read_text())
+        return result, summary, out
+    return run
+
+
+def _error_line(result) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.output
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def test_export_crash_keeps_the_run_and_names_the_node(quantize_r20, monkeypatch, one_torch_thread):
+    def broken_export(*args, **kwargs):
+        err = ExportError("layer1_0_conv1: quantized Conv2d has no ONNX lowering")
+        err.node = "layer1_0_conv1"
+        raise err
+
+    monkeypatch.setattr(mecqtk.export, "export_and_verify", broken_export)
+    result, summary, out = quantize_r20("--no-report")
+    assert result.exit_code == 1
+    line = _error_line(result)
+    assert "export failed at node layer1_0_conv1" in line
+    assert f"mecqtk export {out}" in line
+    assert summary["export"]["status"] == "failed"
+    assert summary["export"]["failing_node"] == "layer1_0_conv1"
+    assert "no ONNX lowering" in summary["export"]["reason"]
+    assert summary["report"]["status"] == "skipped"
+    assert 60 < summary["quant_top1"] <= 100
+    # the summary is also printed, and the checkpoint is a loadable trained model
+    assert json.loads(result.stdout.strip().splitlines()[-1])["export"]["status"] == "failed"
+    assert "state_dict" in torch.load(out / "checkpoint.pt", weights_only=True)
+    assert "ExportError" in (out / "export-error.log").read_text()
+
+
+def test_unexpected_exporter_bug_is_a_failed_export_not_a_traceback(quantize_r20, monkeypatch,
+                                                                     one_torch_thread):
+    def buggy_export(*args, **kwargs):
+        raise TypeError("split is not a tensor")
+
+    monkeypatch.setattr(mecqtk.export, "export_and_verify", buggy_export)
+    result, summary, _ = quantize_r20("--no-report")
+    assert result.exit_code == 1
+    assert "export failed: TypeError: split is not a tensor" in _error_line(result)
+    assert summary["export"] == {
+        "status": "failed", "reason": "TypeError: split is not a tensor",
+        "retry": summary["export"]["retry"]}
+
+
+def test_low_agreement_export_fails_the_command(quantize_r20, monkeypatch, one_torch_thread):
+    """A real ONNX file that computes something else (the classifier's sign flipped in the
+    checkpoint it is compared with) agrees on few decisions: quantize must not exit 0."""
+
+    def mismatched_export(run_dir, data, *, n=None, threshold_pct=99.0, show_progress=False,
+                          **kwargs):
+        exported = export_run(run_dir)
+        checkpoint = run_dir / "checkpoint.pt"
+        original = checkpoint.read_bytes()
+        state = torch.load(checkpoint, weights_only=True)
+        weights = state["state_dict"]
+        classifier = next(k for k, v in weights.items() if k.endswith("weight") and v.dim() == 2)
+        for key in (classifier, classifier.replace("weight", "bias")):
+            weights[key] = -weights[key]
+        torch.save(state, checkpoint)
+        try:
+            report = verify_run(exported.model_path, data, n, threshold_pct=threshold_pct,
+                                run_dir=run_dir)
+        finally:
+            checkpoint.write_bytes(original)
+        return exported, report
+
+    monkeypatch.setattr(mecqtk.export, "export_and_verify", mismatched_export)
+    result, summary, out = quantize_r20("--no-report")
+    assert result.exit_code == 1
+    export = summary["export"]
+    assert export["status"] == "failed" and export["images"] == 100
+    assert export["top1_agreement_pct"] < 20.0 and export["threshold_pct"] == 99.0
+    assert "needs 99 %" in _error_line(result)
+    assert (out / "onnx-qcdq" / "model.onnx").is_file()
+
+
+def test_no_export_is_skipped_and_exits_0(quantize_r20, one_torch_thread):
+    result, summary, out = quantize_r20("--no-report", "--no-export")
+    assert result.exit_code == 0, result.output
+    assert summary["export"] == {"status": "skipped", "reason": "--no-export"}
+    assert not (out / "onnx-qcdq").exists()
+
+
+def test_report_crash_keeps_the_summary(quantize_r20, monkeypatch, one_torch_thread):
+    def broken_report(*args, **kwargs):
+        raise RuntimeError("histogram of an empty tensor")
+
+    monkeypatch.setattr(mecqtk.report, "write_report", broken_report)
+    result, summary, out = quantize_r20("--no-export")
+    assert result.exit_code == 1
+    line = _error_line(result)
+    assert "report failed: RuntimeError: histogram of an empty tensor" in line
+    assert f"mecqtk report {out}" in line
+    assert summary["report"]["status"] == "failed"
+    assert summary["export"]["status"] == "skipped"
