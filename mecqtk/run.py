@@ -22,11 +22,11 @@ import torch.fx as fx
 from torch import nn
 
 import mecqtk
-from mecqtk.data import build_data, peek_num_classes
+from mecqtk.data import build_data, peek_image_size, peek_num_classes
 from mecqtk.errors import MecqtkError
 from mecqtk.graph import prepare
 from mecqtk.io import append_jsonl, atomic_torch_save, atomic_write_text
-from mecqtk.models import create_model
+from mecqtk.models import InputFit, create_model, fit_model_to_images
 from mecqtk.outcome import (
     IncompleteRunError,
     StageOutcome,
@@ -208,16 +208,18 @@ class _Run:
                 f"evenly over {context.world_size} processes"
             )
         num_classes, class_names = peek_num_classes(options.data)
+        fit = self.fit_input(num_classes)
+        model_kwargs = fit.model_kwargs if fit is not None else {}
         self.float_model = create_model(
             options.model, num_classes=num_classes, pretrained=options.pretrained,
-            checkpoint=options.checkpoint,
+            checkpoint=options.checkpoint, **model_kwargs,
         )
         self.data = build_data(
             options.data, model=self.float_model,
             batch_size=recipe.train.batch_size // context.world_size,
             eval_batch_size=recipe.train.eval_batch_size, limit_train=options.limit_train,
             limit_val=options.limit_val, seed=recipe.train.seed, num_workers=options.workers,
-            distributed=context.enabled,
+            distributed=context.enabled, input_size=fit.input_size if fit is not None else None,
         )
         resume_state = load_checkpoint(self.run_dir.checkpoint) if options.resume else None
         if context.is_main and resume_state is None:
@@ -228,6 +230,7 @@ class _Run:
                 class_names=class_names, input_size=list(self.data.input_size),
                 mean=list(self.data.mean), std=list(self.data.std),
                 checkpoint_source=options.checkpoint, mecqtk_version=mecqtk.__version__,
+                model_kwargs=model_kwargs,
             ))
         self.float_model.to(self.device)
         self.qmodel = prepare(self.float_model, recipe).to(self.device)
@@ -253,6 +256,17 @@ class _Run:
             self.restore(resume_state)
         self.train()
         return self.finish()
+
+    def fit_input(self, num_classes: int) -> InputFit | None:
+        """How the model meets small in-memory images: as they are, built at their size
+        (``img_size``) or with the images resized. None for large images: they stream from
+        disk through timm's transforms at the model's own size."""
+        image_size = peek_image_size(self.options.data)
+        if image_size is None:
+            return None
+        fit = fit_model_to_images(self.options.model, num_classes, image_size)
+        self.say(fit.describe(self.options.model, image_size))
+        return fit
 
     def evaluate_main(self, model: nn.Module, title: str) -> float:
         """Top-1 on the validation set, computed on rank 0 and shared with the others."""

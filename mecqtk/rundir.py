@@ -35,6 +35,8 @@ class RunInfo:
     std: list[float] = field(default_factory=list)
     checkpoint_source: str | None = None
     mecqtk_version: str = ""
+    # extra timm constructor arguments the model was built with ({"img_size": 32})
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 class RunDir:
@@ -115,7 +117,7 @@ def load_quantized_model(
     run_dir.require()
     info = run_dir.read_info()
     recipe = run_dir.read_recipe()
-    model = create_model(info.model, num_classes=info.num_classes)
+    model = create_model(info.model, num_classes=info.num_classes, **info.model_kwargs)
     qmodel = prepare(model, recipe)
     state = load_checkpoint(run_dir.checkpoint)
     try:

@@ -7,6 +7,7 @@ timm's transforms. Either way the loaders yield normalised float32 NCHW images a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import timm.data
@@ -35,6 +36,7 @@ __all__ = [
     "build_data",
     "clear_cache",
     "parse_spec",
+    "peek_image_size",
     "peek_num_classes",
 ]
 
@@ -85,6 +87,7 @@ def build_data(
     eval_batch_size: int | None = None,
     num_workers: int = 0,
     distributed: bool = False,
+    input_size: Sequence[int] | None = None,
 ) -> DataBundle:
     """Train and validation loaders for ``spec``, preprocessed the way ``model`` expects.
 
@@ -103,6 +106,9 @@ def build_data(
         num_workers: DataLoader workers for images streamed from disk (unused in memory).
         distributed: Shard training batches over the initialised process group. Validation
             is not sharded: every rank sees the whole validation set.
+        input_size: (C, H, W) the model takes, when it differs from the size of small images
+            kept in memory: they are resized to it with the interpolation of the model's timm
+            config (see :func:`mecqtk.models.fit_model_to_images`). None: their own size.
 
     Returns:
         The loaders plus class names, input size and normalisation.
@@ -131,6 +137,14 @@ def build_data(
     stores = _memory_stores(parsed, class_names)
     if stores is not None:
         train_store, val_store = stores
+        resize_to = None
+        if input_size is not None and tuple(input_size) != tuple(train_store.shape):
+            if input_size[0] != train_store.shape[0]:
+                raise DataError(f"the images have {train_store.shape[0]} channels but the model "
+                                f"takes {input_size[0]}")
+            resize_to = (int(input_size[1]), int(input_size[2]))
+        resize = {"resize_to": resize_to,
+                  "interpolation": config.get("interpolation") or "bicubic"}
         train_loader: BatchLoader = MemoryLoader(
             train_store,
             balanced_subset(train_store.labels, limit_train, "limit_train"),
@@ -140,6 +154,7 @@ def build_data(
             train=True,
             seed=seed,
             distributed=distributed,
+            **resize,
         )
         val_loader: BatchLoader = MemoryLoader(
             val_store,
@@ -149,8 +164,9 @@ def build_data(
             std=std,
             train=False,
             seed=seed,
+            **resize,
         )
-        input_size = train_store.shape
+        input_size = (*train_store.shape[:1], *resize_to) if resize_to else train_store.shape
     else:
         train_loader, val_loader = _folder_loaders(
             parsed,
@@ -174,6 +190,24 @@ def build_data(
         mean=mean,
         std=std,
     )
+
+
+def peek_image_size(spec: str) -> tuple[int, int, int] | None:
+    """(C, H, W) of a data source's images when they are small enough to be kept in memory
+    (judged from the first training image), None when they stream from disk and are resized to
+    the model's configured size anyway.
+
+    Example:
+        >>> peek_image_size("imagefolder:../shared/data/cifar10-jpeg")  # doctest: +SKIP
+        (3, 32, 32)
+    """
+    parsed = parse_spec(spec)
+    if parsed.kind == "cifar10":
+        parsed.cifar10_dir()  # raises when files are missing
+        return cifar10.IMAGE_SHAPE
+    train_dir = parsed.train_dir()
+    width, height = image_size(first_image(train_dir, _class_names(parsed)))
+    return None if max(width, height) > MAX_IN_MEMORY_SIDE else (3, height, width)
 
 
 def _class_names(parsed: DataSpec) -> list[str]:

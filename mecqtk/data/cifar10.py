@@ -19,6 +19,7 @@ from mecqtk.errors import DataError
 __all__ = ["read_class_names", "read_split"]
 
 _SIDE = 32
+IMAGE_SHAPE = (3, _SIDE, _SIDE)
 _PIXELS = 3 * _SIDE * _SIDE
 
 

@@ -20,6 +20,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.datasets.folder import default_loader
 
@@ -82,8 +83,15 @@ class MemoryLoader:
         train: bool,
         seed: int,
         distributed: bool = False,
+        resize_to: tuple[int, int] | None = None,
+        interpolation: str = "bicubic",
     ) -> None:
         self._store = store
+        # images smaller than a fixed-size model's input are upsampled batch-wise, after
+        # augmentation at their own size (as timm's transforms crop before resizing)
+        self.resize_to = resize_to
+        self.interpolation = interpolation if interpolation in ("bilinear", "bicubic") else (
+            "bilinear")
         self._indices = indices
         self._images: torch.Tensor | None = None
         self.labels = store.labels[indices]
@@ -132,7 +140,11 @@ class MemoryLoader:
             batch = images[picked]
             if params is not None:
                 batch = crop_flip(batch, tuple(p[window] for p in params))
-            yield normalize(batch, self.mean, self.std), self.labels[picked]
+            images_out = normalize(batch, self.mean, self.std)
+            if self.resize_to is not None:
+                images_out = F.interpolate(images_out, size=self.resize_to,
+                                           mode=self.interpolation, align_corners=False)
+            yield images_out, self.labels[picked]
 
 
 class SampleDataset(Dataset):

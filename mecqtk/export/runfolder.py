@@ -125,7 +125,7 @@ def verify_run(
         )
     gm, info, _ = load_quantized_model(run)
     bundle = build_data(data, model=gm, batch_size=batch_size, limit_train=1, limit_val=n,
-                        seed=0)
+                        seed=0, input_size=info.input_size)
     if tuple(bundle.input_size) != tuple(info.input_size):
         raise ExportError(
             f"--data yields {tuple(bundle.input_size)} images but the model was exported for "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
+from typing import Any
 
 import timm
 from torch import nn
@@ -11,8 +12,9 @@ from torch import nn
 from mecqtk.errors import ModelError
 from mecqtk.models import cifar_resnet  # noqa: F401  (registers cifar_resnet* in timm)
 from mecqtk.models.checkpoint import load_checkpoint_weights
+from mecqtk.models.input_fit import InputFit, fit_model_to_images
 
-__all__ = ["create_model", "load_checkpoint_weights"]
+__all__ = ["InputFit", "create_model", "fit_model_to_images", "load_checkpoint_weights"]
 
 # Names with these prefixes are resolved by timm itself (Hugging Face Hub, local folders).
 _EXTERNAL_PREFIXES = ("hf-hub:", "hf_hub:", "local-dir:")
@@ -25,6 +27,7 @@ def create_model(
     num_classes: int,
     pretrained: bool = False,
     checkpoint: str | Path | None = None,
+    **model_kwargs: Any,
 ) -> nn.Module:
     """Build a timm model (including ``cifar_resnet20/32/44/56``) with a fresh classifier size.
 
@@ -33,6 +36,8 @@ def create_model(
         num_classes: Number of classifier outputs.
         pretrained: Download timm's pretrained weights (needs network access).
         checkpoint: Local weights file loaded after construction; must fit exactly.
+        **model_kwargs: Passed to the timm model's constructor (``img_size=32``; see
+            :func:`fit_model_to_images`).
 
     Returns:
         The model, in training mode, with ``model.pretrained_cfg`` describing its input.
@@ -53,7 +58,8 @@ def create_model(
             f"model '{name}' has no downloadable pretrained weights; drop pretrained and pass "
             "a local weights file as checkpoint instead"
         )
-    model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes)
+    model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes,
+                              **model_kwargs)
     if checkpoint is not None:
         load_checkpoint_weights(model, checkpoint)
     return model

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,7 +101,8 @@ def float_reference(info: RunInfo, run_dir: str | Path,
         return None, Reference("bypass", (
             f"the run's float checkpoint {source} is not found from here, so the float "
             "reference is the run's trained weights with every quantizer bypassed"))
-    model = create_model(info.model, num_classes=info.num_classes, checkpoint=path)
+    model = create_model(info.model, num_classes=info.num_classes, checkpoint=path,
+                         **info.model_kwargs)
     return model.to(device).eval(), Reference(
         "float_checkpoint", f"the full-precision model the run started from ({source})")
 
@@ -110,13 +112,13 @@ def load_images(spec: str, model: nn.Module, n: int,
     """A fixed class-balanced subset of ``n`` validation images, preprocessed for ``model``."""
     batch_size = max(1, min(MAX_BATCH, INPUT_VALUES_PER_BATCH // math.prod(input_size)))
     data = build_data(spec, model=model, batch_size=batch_size, limit_train=n, limit_val=n,
-                      seed=0)
+                      seed=0, input_size=input_size)
     return list(data.val_loader)
 
 
 def sensitivity_subject(
     qmodel: fx.GraphModule, float_model: nn.Module | None, recipe: Recipe, spec: str,
-    device: torch.device,
+    device: torch.device, input_size: Sequence[int] | None = None,
 ) -> tuple[fx.GraphModule, Reference]:
     """The model whose layers the sensitivity analysis probes, and a note saying which.
 
@@ -132,7 +134,7 @@ def sensitivity_subject(
     calibration = recipe.quant.calibration.batches
     data = build_data(spec, model=float_model, batch_size=recipe.train.batch_size,
                       limit_train=calibration * recipe.train.batch_size, limit_val=1,
-                      seed=recipe.train.seed)
+                      seed=recipe.train.seed, input_size=input_size)
     calibrate(subject, (images for images, _ in itertools.islice(data.train_loader,
                                                                  calibration)))
     return subject.eval(), Reference("float_checkpoint_calibrated", (
@@ -174,7 +176,8 @@ def build_report(run_dir: str | Path, options: ReportOptions | None = None) -> R
         ranking=_rank_by_local_error(collected.layers), samples=collected.samples,
     )
     if options.sensitivity:
-        subject, about = sensitivity_subject(qmodel, float_model, recipe, spec, device)
+        subject, about = sensitivity_subject(qmodel, float_model, recipe, spec, device,
+                                             info.input_size)
         with progress_bar("sensitivity", len(sites), options.show_progress) as advance:
             report.sensitivity, report.ranking = sensitivity_report(
                 subject, about, batches, recipe, raise_top=options.raise_top, device=device,
