@@ -47,7 +47,8 @@ class InputFit:
         if self.how == "native":
             return f"{model} runs on the {side} images as they are"
         if self.how == "img_size":
-            return f"{model} is fixed-size; built at the images' size (img_size={side})"
+            return (f"{model} is fixed-size; built at the images' size "
+                    f"(img_size={self.model_kwargs['img_size']})")
         return (f"{model} cannot run at {side}, even built for it; images are resized to "
                 f"{target} ({self.interpolation}), which costs compute")
 
