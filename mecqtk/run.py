@@ -26,7 +26,13 @@ from mecqtk.data import build_data, peek_image_size, peek_num_classes
 from mecqtk.errors import MecqtkError
 from mecqtk.graph import prepare
 from mecqtk.io import append_jsonl, atomic_torch_save, atomic_write_text
-from mecqtk.models import InputFit, create_model, fit_model_to_images
+from mecqtk.models import (
+    InputFit,
+    create_model,
+    fit_model_to_images,
+    is_external,
+    require_known_model,
+)
 from mecqtk.outcome import (
     IncompleteRunError,
     StageOutcome,
@@ -261,11 +267,13 @@ class _Run:
         """How the model meets small in-memory images: as they are, built at their size
         (``img_size``) or with the images resized. None for large images: they stream from
         disk through timm's transforms at the model's own size."""
+        require_known_model(self.options.model)
         image_size = peek_image_size(self.options.data)
-        if image_size is None:
-            return None
+        if image_size is None or is_external(self.options.model):
+            return None  # Hub models: built as they come, trying sizes would download them
         fit = fit_model_to_images(self.options.model, num_classes, image_size)
-        self.say(fit.describe(self.options.model, image_size))
+        if fit.how != "native":  # the common case goes without saying
+            self.say(fit.describe(self.options.model, image_size))
         return fit
 
     def evaluate_main(self, model: nn.Module, title: str) -> float:

@@ -14,7 +14,14 @@ from mecqtk.models import cifar_resnet  # noqa: F401  (registers cifar_resnet* i
 from mecqtk.models.checkpoint import load_checkpoint_weights
 from mecqtk.models.input_fit import InputFit, fit_model_to_images
 
-__all__ = ["InputFit", "create_model", "fit_model_to_images", "load_checkpoint_weights"]
+__all__ = [
+    "InputFit",
+    "create_model",
+    "fit_model_to_images",
+    "is_external",
+    "load_checkpoint_weights",
+    "require_known_model",
+]
 
 # Names with these prefixes are resolved by timm itself (Hugging Face Hub, local folders).
 _EXTERNAL_PREFIXES = ("hf-hub:", "hf_hub:", "local-dir:")
@@ -51,8 +58,7 @@ def create_model(
         >>> model.pretrained_cfg["input_size"]
         (3, 32, 32)
     """
-    if not name.startswith(_EXTERNAL_PREFIXES) and not timm.is_model(name):
-        raise ModelError(_unknown_name_message(name))
+    require_known_model(name)
     if pretrained and not name.startswith(_EXTERNAL_PREFIXES) and not _has_weights(name):
         raise ModelError(
             f"model '{name}' has no downloadable pretrained weights; drop pretrained and pass "
@@ -63,6 +69,17 @@ def create_model(
     if checkpoint is not None:
         load_checkpoint_weights(model, checkpoint)
     return model
+
+
+def is_external(name: str) -> bool:
+    """Whether timm resolves ``name`` outside its registry (Hugging Face Hub, a local folder)."""
+    return name.startswith(_EXTERNAL_PREFIXES)
+
+
+def require_known_model(name: str) -> None:
+    """Raise ModelError (with close names suggested) unless timm knows ``name``."""
+    if not is_external(name) and not timm.is_model(name):
+        raise ModelError(_unknown_name_message(name))
 
 
 def _has_weights(name: str) -> bool:
