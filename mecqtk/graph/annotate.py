@@ -22,6 +22,7 @@ from mecqtk.graph.ops import (
     node_kind,
     operand_nodes,
     preserves_grid,
+    selects_values,
 )
 from mecqtk.graph.rules import resolve
 from mecqtk.graph.signedness import nonnegative_values
@@ -128,6 +129,9 @@ class _Annotator:
 
     def run(self) -> None:
         for node in self.gm.graph.nodes:
+            if selects_values(node, self.modules):
+                self._select(node)
+                continue
             kind = node_kind(node, self.modules)
             if kind is None:
                 continue
@@ -147,6 +151,54 @@ class _Annotator:
         for node, decision in annotated_nodes(self.gm):
             if decision.output is not None and self._requantized_after_relu(node):
                 set_quant(node, replace(decision, output=None))
+
+    def _select(self, node: fx.Node) -> None:
+        """Identity, slicing or zero padding (a CIFAR ResNet's shortcut): its output lies on
+        its input's grid. When the input has none yet and the node leads to a residual
+        junction, the input is quantized on the junction's grid here, so the value is stored
+        once on the block input (shared with, and requantized for, the block's first conv)
+        instead of a second time after the shortcut, and the shortcut runs on integers."""
+        source = node.args[0]
+        if not isinstance(source, fx.Node) or source.op == "get_attr" or not self._is_tensor(
+                source):
+            return
+        grid = self.grids.get(source)
+        if grid is None:
+            config = self._junction_activation(node)
+            if config is None:
+                return
+            grid = spec_from(config, source in self.nonneg)
+            inputs = [None] * len(node_arguments(node))
+            inputs[0] = grid
+            set_quant(node, NodeQuant(kind="select", module_name=op_name(node),
+                                      inputs=tuple(inputs)))
+        self.grids[node] = grid
+        if source in self.nonneg:
+            self.nonneg.add(node)
+
+    def _junction_activation(self, node: fx.Node) -> QuantizerConfig | None:
+        """The activation config of the first add/cat that ``node`` feeds through other
+        value-selecting nodes, when that junction is quantized."""
+        frontier, seen = list(node.users), set()
+        while frontier:
+            user = frontier.pop(0)
+            if user in seen:
+                continue
+            seen.add(user)
+            if selects_values(user, self.modules):
+                frontier.extend(user.users)
+                continue
+            kind = node_kind(user, self.modules)
+            if kind not in ("add", "cat"):
+                continue
+            residual = self.config.residual
+            if not (residual.enabled and kind in residual.ops) or (
+                    kind == "add" and _feeds_softmax(user, self.modules)):
+                return None
+            full_name = ".".join(p for p in (self.prefix, op_name(user)) if p)
+            resolution = resolve(self.config, full_name, kind, set())
+            return None if resolution.skipped is not None else resolution.activation
+        return None
 
     def _requantized_after_relu(self, node: fx.Node) -> bool:
         """Whether ``node`` feeds only a ReLU whose every consumer quantizes it.

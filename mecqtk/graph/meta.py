@@ -11,7 +11,8 @@ from mecqtk.quant.spec import QuantSpec
 
 META_KEY = "mecqtk"
 
-OpKind = Literal["conv", "linear", "matmul", "add", "cat", "pool"]
+# "select": identity, slicing, zero padding ahead of a junction (see ops.selects_values)
+OpKind = Literal["conv", "linear", "matmul", "add", "cat", "pool", "select"]
 
 
 @dataclass(frozen=True)

@@ -125,6 +125,28 @@ def preserves_grid(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     )
 
 
+def selects_values(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node`` only passes on, picks or zero-pads values of its first argument:
+    ``nn.Identity``, basic indexing (``x[:, :, ::2, ::2]``) and constant zero padding, as in the
+    parameter-free "option A" ResNet shortcut. A quantized input leaves the output on the same
+    grid (zero lies on every grid). Whether the argument is a tensor is the caller's check."""
+    if node.op == "call_module":
+        return type(modules[str(node.target)]) is nn.Identity
+    if node.op != "call_function" or not node.args:
+        return False
+    if node.target is operator.getitem:
+        index = node.args[1] if len(node.args) > 1 else None
+        entries = index if isinstance(index, tuple) else (index,)
+        return all(isinstance(e, slice | int) or e is Ellipsis or e is None for e in entries) and (
+            all(isinstance(e.step, int | None) and isinstance(e.start, int | None)
+                and isinstance(e.stop, int | None) for e in entries if isinstance(e, slice)))
+    if node.target is F.pad:
+        mode = _argument(node, 2, "mode") or "constant"
+        value = _argument(node, 3, "value")
+        return mode == "constant" and (value is None or value == 0)
+    return False
+
+
 def node_kind(node: fx.Node, modules: dict[str, nn.Module]) -> OpKind | None:
     """The quantization-relevant kind of ``node``, or None for anything else."""
     if node.op == "call_module":

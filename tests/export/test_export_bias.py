@@ -19,6 +19,13 @@ def _initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
 
 
+def _input_quantizer(gm: torch.fx.GraphModule, layer: str) -> str:
+    """The activation quantizer feeding ``layer``: conv3's input is stored at 8 bits for the
+    shortcut beside it, and requantized to the conv's own grid (aq_relu_1_u2 at 2 bits)."""
+    node = next(n for n in gm.graph.nodes if n.name == layer)
+    return str(node.args[0].target)
+
+
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_bias_is_int32_at_input_scale_times_weight_scale(residual_net, bits):
     gm = quantized(residual_net, bits, bits)
@@ -26,7 +33,7 @@ def test_bias_is_int32_at_input_scale_times_weight_scale(residual_net, bits):
     inits = _initializers(model)
     layer = gm.get_submodule("conv3")
     bn = gm.get_submodule("bn3")
-    s_x = np.float32(gm.get_submodule("aq_relu_1").scale.item())
+    s_x = np.float32(gm.get_submodule(_input_quantizer(gm, "conv3")).scale.item())
     s_w = layer.weight_quantizer.scale.detach().double().numpy()
     shift = code_shift(bits)
     g = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().double().numpy()
@@ -49,19 +56,20 @@ def test_layer_output_is_the_integer_accumulator_times_its_scale(residual_net):
     """Run the exported graph up to conv3 and redo that conv in exact integer arithmetic."""
     gm = quantized(residual_net, 2, 2)
     model, _ = export_model(gm, INPUT_SHAPE, "qcdq")
+    source = _input_quantizer(gm, "conv3")
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
-    for name, elem in (("conv3", onnx.TensorProto.FLOAT), ("aq_relu_1_codes",
+    for name, elem in (("conv3", onnx.TensorProto.FLOAT), (f"{source}_codes",
                                                            onnx.TensorProto.UINT8)):
         probe.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
     x = images(8, seed=3).numpy()
     conv_out, input_codes = make_session(probe, threads=1).run(
-        ["conv3", "aq_relu_1_codes"], {"input": x}
+        ["conv3", f"{source}_codes"], {"input": x}
     )
     inits = _initializers(model)
     weight = inits["conv3_weight_codes"].astype(np.int64)
     bias = inits["conv3_bias_codes"].astype(np.int64)
-    centred = input_codes.astype(np.int64) - int(inits["aq_relu_1_zero_point"])
+    centred = input_codes.astype(np.int64) - int(inits[f"{source}_zero_point"])
     accumulator = F.conv2d(torch.from_numpy(centred).double(), torch.from_numpy(weight).double(),
                            stride=2, padding=1).numpy()  # integers below 2**53: exact in float64
     assert np.array_equal(accumulator, np.round(accumulator))
