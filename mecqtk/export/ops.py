@@ -138,7 +138,8 @@ def _pool(ctx: Lowering, node: fx.Node, op_type: str, kernel: object, stride: ob
     return pooled if grid is None else _regrid(ctx, node, pooled, grid)
 
 
-def _regrid(ctx: Lowering, node: fx.Node, pooled: str, grid: QuantParams) -> str:
+def _regrid(ctx: Lowering, node: fx.Node, pooled: str, grid: QuantParams,
+            doc: str = "max-pool output on its input's grid") -> str:
     """Max-pooling a quantized tensor picks values already on its grid: re-quantizing with the
     input's own scale and zero point is exact, and it lets onnxruntime run the pool on the
     integer codes (it drops a DequantizeLinear -> MaxPool -> QuantizeLinear with equal
@@ -148,7 +149,7 @@ def _regrid(ctx: Lowering, node: fx.Node, pooled: str, grid: QuantParams) -> str
     zero_point = b.initializer(f"{node.name}_zero_point", grid.storage_zero_point)
     codes = b.node("QuantizeLinear", [pooled, scale, zero_point], f"{node.name}_codes")
     output = b.node("DequantizeLinear", [codes, scale, zero_point], node.name,
-                    doc="max-pool output on its input's grid")
+                    doc=doc)
     ctx.quantized[output] = grid
     return output
 

@@ -18,6 +18,8 @@ from torch import nn
 
 from mecqtk.errors import ExportError
 from mecqtk.export.lower import Lowering, function_handler, method_handler, module_handler
+from mecqtk.export.qparams import QuantParams
+from mecqtk.graph.ops import selects_values
 
 _INT64_MAX = np.iinfo(np.int64).max
 _PAD_MODES = {"constant": "constant", "reflect": "reflect", "replicate": "edge"}
@@ -101,9 +103,38 @@ def _pad(ctx: Lowering, node: fx.Node) -> str:
         ends[rank - 1 - pair] = pad[2 * pair + 1]
     b = ctx.builder
     inputs = [ctx.tensor(source_node, node), b.constant(np.array(begins + ends, np.int64))]
-    if mode == "constant":
-        inputs.append(b.constant(np.float32(0.0 if value is None else value)))
-    return b.node("Pad", inputs, node.name, mode=_PAD_MODES[mode])
+    grid = _grid_of_selected(ctx, node) if selects_values(node, ctx.modules) else None
+    if grid is None:
+        if mode == "constant":
+            inputs.append(b.constant(np.float32(0.0 if value is None else value)))
+        return b.node("Pad", inputs, node.name, mode=_PAD_MODES[mode])
+    # zero padding of a quantized value (an option-A shortcut) stays on its grid: pad its
+    # integer codes with the zero point instead (exact), so that onnxruntime runs the pad and
+    # the Add after it on integers (it drops the DequantizeLinear -> QuantizeLinear pair)
+    scale = b.initializer(f"{node.name}_scale", grid.scale)
+    zero_point = b.initializer(f"{node.name}_zero_point", grid.storage_zero_point)
+    codes = b.node("QuantizeLinear", [inputs[0], scale, zero_point], f"{node.name}_codes")
+    padded = b.node("Pad", [codes, inputs[1], zero_point], f"{node.name}_padded_codes",
+                    mode="constant")
+    output = b.node("DequantizeLinear", [padded, scale, zero_point], node.name,
+                    doc="zero-padded value on its input's grid")
+    ctx.quantized[output] = grid
+    return output
+
+
+def _grid_of_selected(ctx: Lowering, node: fx.Node) -> QuantParams | None:
+    """The per-tensor grid of the quantized value that ``node`` reaches through identity and
+    slicing nodes (see :func:`mecqtk.graph.ops.selects_values`), if any."""
+    source = node.args[0]
+    while isinstance(source, fx.Node):
+        name = ctx.env.get(source.name)
+        grid = ctx.quantized.get(name) if isinstance(name, str) else None
+        if grid is not None:
+            return grid if grid.axis is None else None
+        if not selects_values(source, ctx.modules):
+            return None
+        source = source.args[0]
+    return None
 
 
 @function_handler(torch.cat, torch.concat)

@@ -60,3 +60,34 @@ def test_resnet18_runs_on_integer_kernels_only(bits, tmp_path, one_torch_thread)
     assert (onnx_logits.argmax(1) == torch_logits.argmax(1)).mean() >= 15 / 16
     spread = torch_logits.max() - torch_logits.min()
     assert np.abs(onnx_logits - torch_logits).max() < 0.05 * spread
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_cifar_resnet20_shortcuts_keep_the_integer_path(bits, tmp_path, one_torch_thread):
+    """Identity and option-A (strided slice + zero channel pad) shortcuts pass their input's
+    grid on: every conv and add runs on integer kernels, and the pad runs on the codes."""
+    from mecqtk.models import create_model
+
+    torch.manual_seed(0)
+    model = randomize_batchnorms(create_model("cifar_resnet20", num_classes=10))
+    gm = prepare(model, recipe(bits, bits))
+    calibrate(gm, [torch.randn(8, *SHAPE)])
+    snap_biases(gm.eval())
+    exported, _ = export_model(gm, SHAPE, "qcdq")
+    ops = _optimised_ops(exported, tmp_path)
+    assert ops["QLinearConv"] == 19 and ops["QLinearAdd"] == 9 and ops["QGemm"] == 1, ops
+    assert not {"Conv", "Add", "Relu"} & set(ops), ops
+    assert ops["Slice"] == ops["Pad"] == 2, ops
+    # float round trips: the image's quantize, and at 4 bits the requantization of each of
+    # the 9 blocks' 8-bit output for the next block's 4-bit conv
+    assert ops["QuantizeLinear"] == 1 + (0 if bits == 8 else 9), ops
+    assert ops["DequantizeLinear"] == (0 if bits == 8 else 9), ops
+
+    session = ort.InferenceSession(exported.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    x = torch.randn(16, *SHAPE, generator=torch.Generator().manual_seed(3))
+    onnx_logits = session.run(None, {"input": x.numpy()})[0]
+    torch_logits = gm(x).detach().numpy()
+    assert (onnx_logits.argmax(1) == torch_logits.argmax(1)).all()
+    spread = torch_logits.max() - torch_logits.min()
+    assert np.abs(onnx_logits - torch_logits).max() < 0.01 * spread

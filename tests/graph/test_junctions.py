@@ -155,3 +155,26 @@ def test_equal_grids_share_one_quantizer_and_a_max_pool_keeps_its_input_grid():
     assert graph["maxpool"].args[0] is graph["aq_act1"]
     x = torch.randn(2, 3, 32, 32)
     assert torch.isfinite(gm(x)).all()
+
+
+def test_cifar_resnet20_shortcuts_share_the_block_inputs_quantizer():
+    """nn.Identity and the strided slice + zero pad of option A keep their input's grid: the
+    block input is quantized once (8 bits, shared with the shortcut) and requantized for the
+    block's 4-bit conv, as in timm's resnet18; nothing quantizes the shortcut's output."""
+    from mecqtk.models import create_model
+
+    recipe = recipe_from_dict({"quant": {"weight": {"bits": 4}, "activation": {"bits": 4}}})
+    qmodel = prepare(create_model("cifar_resnet20", num_classes=10), recipe)
+    graph = {n.name: n for n in qmodel.graph.nodes}
+    modules = dict(qmodel.named_modules())
+    identity = graph["layer1_0_shortcut"]  # nn.Identity
+    assert identity.args[0].target == "aq_act1" and modules["aq_act1"].bits == 8
+    assert graph["layer1_0_conv1"].args[0].target == "aq_act1_u4"
+    assert graph["aq_act1_u4"].args[0] is graph["aq_act1"] and modules["aq_act1_u4"].bits == 4
+    assert graph["add"].args[1] is identity
+    # option A in layer2.0: slice + pad of the stored 8-bit block input, straight into the add
+    assert graph["getitem"].args[0].target == "aq_layer1_2_act2"
+    assert graph["pad"].args[0] is graph["getitem"] and graph["add_3"].args[1] is graph["pad"]
+    assert not any(name.startswith(("aq_layer1_0_shortcut", "aq_pad", "aq_add"))
+                   for name in modules)
+    assert torch.isfinite(qmodel(torch.randn(2, 3, 32, 32))).all()
