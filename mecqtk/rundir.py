@@ -123,8 +123,14 @@ def load_quantized_model(
     try:
         qmodel.load_state_dict(state["state_dict"])
     except RuntimeError as err:
+        import mecqtk
+
+        # quantizer layouts change between releases (cifar_resnet20's shortcuts after 0.1.0)
+        older = (f" (the run was made by mecqtk {info.mecqtk_version}, this is "
+                 f"{mecqtk.__version__}: train it again, or export it with that version)"
+                 if info.mecqtk_version and info.mecqtk_version != mecqtk.__version__ else "")
         raise ModelError(
-            f"{run_dir.checkpoint}: does not fit {info.model} with this recipe: "
+            f"{run_dir.checkpoint}: does not fit {info.model} with this recipe{older}: "
             f"{str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else err}"
         ) from None
     return qmodel.to(device).eval(), info, recipe
