@@ -80,3 +80,20 @@ def test_quantize_fixed_size_models_on_32px(name, line, shared_dir, tmp_path, on
     qmodel, _, _ = load_quantized_model(out)
     with torch.no_grad():
         assert qmodel(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_a_model_that_runs_at_no_size_is_a_one_line_error(shared_dir, tmp_path, monkeypatch):
+    import mecqtk.models.input_fit as input_fit
+
+    monkeypatch.setattr(input_fit, "_failure_at", lambda model, size: "RuntimeError: too small")
+    result = CliRunner().invoke(main, [
+        "quantize", "--model", "resnet18", "--recipe", "w4a4_lsq.yaml",
+        "--data", f"imagefolder:{shared_dir / 'data/cifar10-jpeg'}", "--out",
+        str(tmp_path / "run"), "--no-progress",
+    ])
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [
+        "error: resnet18 does not run on 32x32 images (RuntimeError: too small), and neither "
+        "built for that size nor at its own size 224x224; pick another model"]
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
