@@ -88,7 +88,7 @@ def export_stage(run_dir: Path, data: str, n: int | None, show_progress: bool,
         exported, report = export_and_verify(run_dir, data, n=n, threshold_pct=threshold_pct,
                                              show_progress=show_progress)
     except Exception as err:  # any exporter bug must still leave a summary
-        _log_traceback(run_dir, "export", err)
+        log_traceback(run_dir, "export", err)
         return StageOutcome("failed", reason=one_line(err),
                             failing_node=getattr(err, "node", None), retry=retry)
     details = {
@@ -118,7 +118,7 @@ def report_stage(run_dir: Path, write: Callable[[], None]) -> StageOutcome:
     try:
         write()
     except Exception as err:  # the summary must survive a report bug
-        _log_traceback(run_dir, "report", err)
+        log_traceback(run_dir, "report", err)
         return StageOutcome("failed", reason=one_line(err), retry=f"mecqtk report {run_dir}")
     return StageOutcome("written")
 
@@ -133,7 +133,8 @@ def failure_message(run_dir: Path, outcomes: dict[str, StageOutcome]) -> str | N
     return None
 
 
-def _log_traceback(run_dir: Path, stage: str, err: BaseException) -> None:
+def log_traceback(run_dir: Path, stage: str, err: BaseException) -> None:
+    """Keep the full traceback of a failed stage in the run folder (``<stage>-error.log``)."""
     text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
     with contextlib.suppress(OSError):  # a convenience; the summary still records the reason
         atomic_write_text(run_dir / STAGE_ERROR_LOG.format(stage=stage), text)

@@ -23,7 +23,7 @@ from torch import nn
 
 import mecqtk
 from mecqtk.data import build_data, peek_image_size, peek_num_classes
-from mecqtk.errors import MecqtkError
+from mecqtk.errors import ExportError, MecqtkError
 from mecqtk.graph import prepare
 from mecqtk.io import append_jsonl, atomic_torch_save, atomic_write_text
 from mecqtk.models import (
@@ -34,10 +34,13 @@ from mecqtk.models import (
     require_known_model,
 )
 from mecqtk.outcome import (
+    STAGE_ERROR_LOG,
     IncompleteRunError,
     StageOutcome,
     export_stage,
     failure_message,
+    log_traceback,
+    one_line,
     report_stage,
 )
 from mecqtk.progress import progress_bar, say
@@ -260,8 +263,34 @@ class _Run:
         self.setup_training()
         if resume_state is not None:
             self.restore(resume_state)
-        self.train()
+        try:
+            self.train()
+        except Exception as err:
+            self.record_training_failure(err)
+            if isinstance(err, MecqtkError):
+                raise
+            raise IncompleteRunError(
+                f"training failed: {one_line(err)} (traceback in "
+                f"{self.run_dir.path / STAGE_ERROR_LOG.format(stage='train')})") from err
         return self.finish()
+
+    def record_training_failure(self, err: Exception) -> None:
+        """summary.json for a run that stopped in training (NaN loss, a step size gone bad,
+        a bug): what failed and where, beside the last good checkpoint if an epoch finished."""
+        if not self.context.is_main:
+            return
+        log_traceback(self.run_dir.path, "train", err)
+        reason = one_line(err)
+        self.run_dir.write_summary({
+            "model": self.options.model, "recipe": self.recipe.name, "fp_top1": self.fp_top1,
+            "calibrated_top1": self.calibrated_top1, "epochs": self.recipe.train.epochs,
+            "epochs_finished": len(self.history), "step": self.global_step,
+            "wall_seconds": round(time.perf_counter() - self.started, 1),
+            "out": str(self.run_dir.path), "world_size": self.context.world_size,
+            "train": {"status": "failed", "reason": reason},
+            "export": {"status": "skipped", "reason": "training failed"},
+            "report": {"status": "skipped", "reason": "training failed"},
+        })
 
     def fit_input(self, num_classes: int) -> InputFit | None:
         """How the model meets small in-memory images: as they are, built at their size
@@ -426,8 +455,15 @@ class _Run:
         from mecqtk.export import snap_biases
 
         was_training = self.qmodel.training
-        changed = snap_biases(self.qmodel.eval())
-        self.qmodel.train(was_training)
+        try:
+            changed = snap_biases(self.qmodel.eval())
+        except ExportError as err:
+            # the same fault fails the export stage, which reports it once the trained run is
+            # saved; stopping here would lose the run
+            self.say(f"biases left off the int32 grid ({one_line(err)}); the export will fail")
+            changed = 0
+        finally:
+            self.qmodel.train(was_training)
         return changed
 
     def global_stats(self, stats: EpochStats) -> EpochStats:

@@ -9,9 +9,11 @@ from click.testing import CliRunner
 
 import mecqtk.export
 import mecqtk.report
+import mecqtk.run
 from mecqtk.cli import main
 from mecqtk.errors import ExportError
 from mecqtk.export import export_run, verify_run
+from mecqtk.train.loop import NonFiniteLossError
 
 
 @pytest.fixture
@@ -132,3 +134,43 @@ def test_report_crash_keeps_the_summary(quantize_r20, monkeypatch, one_torch_thr
     assert f"mecqtk report {out}" in line
     assert summary["report"]["status"] == "failed"
     assert summary["export"]["status"] == "skipped"
+
+
+def test_biases_that_cannot_be_snapped_do_not_lose_the_run(quantize_r20, monkeypatch,
+                                                           one_torch_thread):
+    """timm's zero-initialised gammas can leave a folded weight scale too small for an int32
+    bias; that must fail the export, not the run before its checkpoint is written."""
+
+    def unsnappable(gm):
+        raise ExportError("layer2_0_conv2: channel 18 has a bias of 0.0001261 that needs "
+                          "4.18e+09 steps of the int32 accumulator")
+
+    monkeypatch.setattr(mecqtk.export, "snap_biases", unsnappable)
+    result, summary, out = quantize_r20("--no-report", "--no-export", "--epochs", "1")
+    assert result.exit_code == 0, result.output
+    assert "biases left off the int32 grid (layer2_0_conv2: channel 18" in " ".join(
+        result.output.split())
+    assert summary["epochs"] == 1 and 60 < summary["quant_top1"] <= 100
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1
+
+
+@pytest.mark.parametrize(("error", "code", "line"), [
+    (NonFiniteLossError("loss is nan at step 2 of epoch 1"), 2,
+     "error: loss is nan at step 2 of epoch 1"),
+    (RuntimeError("mat1 and mat2 shapes cannot be multiplied"), 1,
+     "error: training failed: RuntimeError: mat1 and mat2 shapes cannot be multiplied"),
+])
+def test_a_training_failure_leaves_a_summary(error, code, line, quantize_r20, monkeypatch,
+                                             one_torch_thread):
+    def failing_epoch(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(mecqtk.run, "train_one_epoch", failing_epoch)
+    result, summary, out = quantize_r20("--epochs", "1")
+    assert result.exit_code == code
+    assert _error_line(result).startswith(line)
+    assert summary["train"] == {"status": "failed", "reason": line.split("failed: ")[-1]
+                                .removeprefix("error: ")}
+    assert summary["export"]["status"] == summary["report"]["status"] == "skipped"
+    assert summary["epochs_finished"] == 0 and 60 < summary["calibrated_top1"] <= 100
+    assert type(error).__name__ in (out / "train-error.log").read_text()
