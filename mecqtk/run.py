@@ -263,6 +263,10 @@ class _Run:
         self.setup_training()
         if resume_state is not None:
             self.restore(resume_state)
+        elif recipe.train.epochs > 0:
+            # the calibrated model is the first good checkpoint: a loss that turns NaN in the
+            # first steps still leaves a run that `mecqtk export` and --resume can use
+            self.save(0, 0, None)
         try:
             self.train()
         except Exception as err:

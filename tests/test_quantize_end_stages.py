@@ -174,3 +174,5 @@ def test_a_training_failure_leaves_a_summary(error, code, line, quantize_r20, mo
     assert summary["export"]["status"] == summary["report"]["status"] == "skipped"
     assert summary["epochs_finished"] == 0 and 60 < summary["calibrated_top1"] <= 100
     assert type(error).__name__ in (out / "train-error.log").read_text()
+    # the calibrated model was checkpointed before training began
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 0
