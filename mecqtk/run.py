@@ -65,7 +65,9 @@ from mecqtk.train.teacher import Teacher
 from mecqtk.train.terms import DistillTerm, MECTerm
 
 # Files of a finished run that --force removes before starting again.
-_RUN_OUTPUTS = ("checkpoint.pt", "metrics.jsonl", "summary.json", "run.json", "recipe.yaml")
+_RUN_OUTPUTS = ("checkpoint.pt", "metrics.jsonl", "summary.json", "run.json", "recipe.yaml",
+                "report.json", "report.html", "suggested_recipe.yaml",
+                *(STAGE_ERROR_LOG.format(stage=s) for s in ("train", "export", "report")))
 
 
 @dataclass(frozen=True)
@@ -170,7 +172,7 @@ def _prepare_out_dir(run_dir: RunDir, options: QuantizeOptions, recipe: Recipe,
     if context.is_main and options.force:
         for name in _RUN_OUTPUTS:
             (run_dir.path / name).unlink(missing_ok=True)
-        for extra in ("report", "export"):
+        for extra in ("report", "export", "onnx-qcdq", "onnx-packed"):
             shutil.rmtree(run_dir.path / extra, ignore_errors=True)
 
 

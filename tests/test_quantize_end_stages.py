@@ -176,3 +176,17 @@ def test_a_training_failure_leaves_a_summary(error, code, line, quantize_r20, mo
     assert type(error).__name__ in (out / "train-error.log").read_text()
     # the calibrated model was checkpointed before training began
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 0
+
+
+def test_force_clears_what_a_failed_run_left(quantize_r20, monkeypatch, one_torch_thread):
+    def broken_export(*args, **kwargs):
+        raise ExportError("fc: no lowering")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(mecqtk.export, "export_and_verify", broken_export)
+        result, _, out = quantize_r20("--no-report")
+    assert result.exit_code == 1 and (out / "export-error.log").is_file()
+    result, summary, out = quantize_r20("--force", "--no-report", "--no-export")
+    assert result.exit_code == 0, result.output
+    assert summary["export"]["status"] == "skipped"
+    assert not (out / "export-error.log").exists()
