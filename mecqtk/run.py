@@ -23,12 +23,13 @@ from torch import nn
 
 import mecqtk
 from mecqtk.data import build_data, peek_image_size, peek_num_classes
-from mecqtk.errors import ExportError, MecqtkError
+from mecqtk.errors import ExportError, MecqtkError, ModelError
 from mecqtk.graph import prepare
 from mecqtk.io import append_jsonl, atomic_torch_save, atomic_write_text
 from mecqtk.models import (
     InputFit,
     create_model,
+    fit_at_own_size,
     fit_model_to_images,
     is_external,
     require_known_model,
@@ -221,10 +222,24 @@ class _Run:
         num_classes, class_names = peek_num_classes(options.data)
         fit = self.fit_input(num_classes)
         model_kwargs = fit.model_kwargs if fit is not None else {}
-        self.float_model = create_model(
-            options.model, num_classes=num_classes, pretrained=options.pretrained,
-            checkpoint=options.checkpoint, **model_kwargs,
-        )
+        try:
+            self.float_model = create_model(
+                options.model, num_classes=num_classes, pretrained=options.pretrained,
+                checkpoint=options.checkpoint, **model_kwargs,
+            )
+        except ModelError:
+            if not model_kwargs or options.checkpoint is None:
+                raise
+            # weights made at the model's own size (position embeddings for 224 px) do not
+            # fit the model built for the images: resize the images instead
+            fit = fit_at_own_size(options.model, num_classes)
+            self.say(f"{options.checkpoint} fits {options.model} at its own size only; "
+                     f"images are resized to {fit.input_size[1]}x{fit.input_size[2]}")
+            model_kwargs = {}
+            self.float_model = create_model(
+                options.model, num_classes=num_classes, pretrained=options.pretrained,
+                checkpoint=options.checkpoint,
+            )
         self.data = build_data(
             options.data, model=self.float_model,
             batch_size=recipe.train.batch_size // context.world_size,

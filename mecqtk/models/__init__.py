@@ -12,11 +12,12 @@ from torch import nn
 from mecqtk.errors import ModelError
 from mecqtk.models import cifar_resnet  # noqa: F401  (registers cifar_resnet* in timm)
 from mecqtk.models.checkpoint import load_checkpoint_weights
-from mecqtk.models.input_fit import InputFit, fit_model_to_images
+from mecqtk.models.input_fit import InputFit, fit_at_own_size, fit_model_to_images
 
 __all__ = [
     "InputFit",
     "create_model",
+    "fit_at_own_size",
     "fit_model_to_images",
     "is_external",
     "load_checkpoint_weights",

@@ -49,7 +49,7 @@ class InputFit:
         if self.how == "img_size":
             return (f"{model} is fixed-size; built at the images' size "
                     f"(img_size={self.model_kwargs['img_size']})")
-        return (f"{model} cannot run at {side}, even built for it; images are resized to "
+        return (f"{model} runs on {side} images only at its own size; images are resized to "
                 f"{target} ({self.interpolation}), which costs compute")
 
 
@@ -79,16 +79,31 @@ def fit_model_to_images(name: str, num_classes: int,
         sized = None
     if sized is not None and _failure_at(sized, image_size) is None:
         return InputFit("img_size", image_size, {"img_size": img_size})
-    config = model.pretrained_cfg
-    own = tuple(config.get("input_size", (3, 224, 224)))
-    own_size: tuple[int, int, int] = (int(own[0]), int(own[1]), int(own[2]))
-    if own_size != tuple(image_size) and _failure_at(model, own_size) is None:
-        return InputFit("resize", own_size, interpolation=config.get("interpolation") or
-                        "bicubic")
+    resized = _resize_fit(model)
+    if resized.input_size != tuple(image_size) and _failure_at(model, resized.input_size) is None:
+        return resized
+    own_size = resized.input_size
     raise ModelError(
         f"{name} does not run on {height}x{width} images ({failure}), and neither built for "
         f"that size nor at its own size {own_size[1]}x{own_size[2]}; pick another model"
     )
+
+
+def fit_at_own_size(name: str, num_classes: int) -> InputFit:
+    """Resize the images to the model's configured size (for weights made at that size).
+
+    Example:
+        >>> fit_at_own_size("vit_tiny_patch16_224", 10).input_size
+        (3, 224, 224)
+    """
+    return _resize_fit(timm.create_model(name, pretrained=False, num_classes=num_classes))
+
+
+def _resize_fit(model: nn.Module) -> InputFit:
+    config = model.pretrained_cfg
+    own = tuple(config.get("input_size", (3, 224, 224)))
+    return InputFit("resize", (int(own[0]), int(own[1]), int(own[2])),
+                    interpolation=config.get("interpolation") or "bicubic")
 
 
 @torch.no_grad()

@@ -97,3 +97,28 @@ def test_a_model_that_runs_at_no_size_is_a_one_line_error(shared_dir, tmp_path, 
         "error: resnet18 does not run on 32x32 images (RuntimeError: too small), and neither "
         "built for that size nor at its own size 224x224; pick another model"]
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_weights_made_at_224_mean_resizing_the_images(shared_dir, tmp_path, one_torch_thread):
+    """A ViT checkpoint's position embeddings are for 224 px: it does not fit the model built
+    at img_size=32, so the 32-px images are resized to 224 instead."""
+    weights = tmp_path / "vit224.pt"
+    torch.manual_seed(0)
+    torch.save(create_model("vit_tiny_patch16_224", num_classes=10).state_dict(), weights)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "quant: {weight: {bits: 8}, activation: {bits: 8}, calibration: {batches: 1}}\n"
+        "train: {epochs: 0, batch_size: 4, eval_batch_size: 10, fused_quantizers: false}\n"
+    )
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, [
+        "quantize", "--model", "vit_tiny_patch16_224", "--checkpoint", str(weights),
+        "--recipe", str(recipe), "--data", f"imagefolder:{shared_dir / 'data/cifar10-jpeg'}",
+        "--limit-train", "10", "--limit-val", "10", "--out", str(out), "--no-progress",
+        "--no-report", "--no-export",
+    ])
+    assert result.exit_code == 0, result.output
+    assert "fits vit_tiny_patch16_224 at its own size only; images are resized to 224x224" in (
+        " ".join(result.output.split()))
+    info = json.loads((out / "run.json").read_text())
+    assert info["input_size"] == [3, 224, 224] and info["model_kwargs"] == {}
