@@ -3,6 +3,7 @@ traceback, and nothing half-written that looks like a finished run."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -141,4 +142,8 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values()
                if v.is_floating_point())
-    assert not (tmp_path / "run" / "summary.json").exists()
+    # the summary says training failed, and where (never that the run finished)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["train"]["status"] == "failed" and "loss is" in summary["train"]["reason"]
+    assert summary["export"] == {"status": "skipped", "reason": "training failed"}
+    assert "quant_top1" not in summary
