@@ -106,21 +106,33 @@ def _grid_lines(axes, lower: int, upper: int, step: float) -> None:
         axes.axvline(bound, color="red", linewidth=1.2, linestyle="--", zorder=3)
 
 
+def _finite(values: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The finite values (matplotlib cannot bin inf or NaN) and how many were left out: a
+    diverged model must still get its report, which then says so."""
+    keep = torch.isfinite(values)
+    return values[keep], int((~keep).sum())
+
+
+def _dropped_note(count: int) -> str:
+    return f"\n{count} non-finite values not drawn" if count else ""
+
+
 def layer_histograms(report: Report, name: str) -> bytes:
     """Weight (in steps) and input-activation histograms of one layer, with its grid."""
     entry = report.layer(name)
     figure = Figure(figsize=(10.0, 3.2))
     weight_axes, input_axes = figure.subplots(1, 2)
-    weights = report.samples.weights_in_steps.get(name, torch.empty(0))
+    weights, weights_dropped = _finite(report.samples.weights_in_steps.get(name, torch.empty(0)))
     if weights.numel():
         weight_axes.hist(weights.numpy(), bins=120, color=COLORS["weight"], alpha=0.8)
     weight_axes.set_yscale("log")
     _grid_lines(weight_axes, entry.weight.qmin,
                 entry.weight.qmin + entry.weight.levels_total - 1, 1.0)
     weight_axes.set_title(f"{name}: weight / step  ({entry.weight.bits}-bit, "
-                          f"SQNR {_value(entry.weight.sqnr_db):.1f} dB)", fontsize=9)
+                          f"SQNR {_value(entry.weight.sqnr_db):.1f} dB)"
+                          + _dropped_note(weights_dropped), fontsize=9)
     weight_axes.set_xlabel("weight in units of its channel's step")
-    inputs = report.samples.inputs.get(name, torch.empty(0))
+    inputs, inputs_dropped = _finite(report.samples.inputs.get(name, torch.empty(0)))
     if entry.input is not None and inputs.numel():
         input_axes.hist(inputs.numpy(), bins=120, color=COLORS["input"], alpha=0.8)
         input_axes.set_yscale("log")
@@ -128,7 +140,8 @@ def layer_histograms(report: Report, name: str) -> bytes:
                     entry.input.qmin + entry.input.levels_total - 1, entry.input.step.mean)
         input_axes.set_title(f"input ({entry.input.bits}-bit, clipped "
                              f"{100 * _value(entry.input.clip_ratio):.2f} %, "
-                             f"SQNR {_value(entry.input.sqnr_db):.1f} dB)", fontsize=9)
+                             f"SQNR {_value(entry.input.sqnr_db):.1f} dB)"
+                             + _dropped_note(inputs_dropped), fontsize=9)
         input_axes.set_xlabel("input activation value")
     else:
         input_axes.set_title("input not quantized", fontsize=9)

@@ -1,13 +1,15 @@
 import base64
+import dataclasses
 import json
 import re
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+import torch
 
 from mecqtk.errors import MecqtkError
-from mecqtk.report import read_report_json, report_to_json
+from mecqtk.report import plots, read_report_json, report_to_json
 from mecqtk.report.html import WORST_LAYERS_PLOTTED, render_html
 from mecqtk.report.jsonfile import dumps
 
@@ -108,3 +110,18 @@ def test_read_report_json_checks_format_and_version(tmp_path, w2a2_report):
     path.write_text("{}")
     with pytest.raises(MecqtkError, match="not a mecqtk report"):
         read_report_json(path)
+
+
+def test_histograms_of_a_diverged_layer_draw_the_finite_values_and_count_the_rest(w2a2_report):
+    # a model whose activations overflowed (seen: mobilenetv2 after a bad step) still gets a page
+    name = w2a2_report.ranking[0]
+    samples = dataclasses.replace(w2a2_report.samples, inputs=dict(w2a2_report.samples.inputs))
+    finite = samples.inputs[name]
+    samples.inputs[name] = torch.cat([finite, torch.tensor([float("inf"), -float("inf"),
+                                                            float("nan")])])
+    report = dataclasses.replace(w2a2_report, samples=samples)
+    png = plots.layer_histograms(report, name)
+    assert png.startswith(PNG_MAGIC) and len(png) > 5000
+    assert plots._finite(samples.inputs[name])[1] == 3
+    assert plots._dropped_note(3) == "\n3 non-finite values not drawn"
+    assert plots._dropped_note(0) == ""
