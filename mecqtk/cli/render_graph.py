@@ -52,4 +52,12 @@ def render_doctor(result: DoctorResult, console: Console | None = None) -> None:
         console.print(f"[red]quantized layers that never ran:[/red] {', '.join(result.not_run)}")
     if result.error:
         console.print(f"[red]error:[/red] {result.error}")
+    if result.steps:
+        trained = len(result.losses) == result.steps and result.train_error is None
+        losses = " → ".join(f"{loss:.3g}" for loss in result.losses) or "–"
+        smallest = "–" if result.smallest_step is None else f"{result.smallest_step:.3g}"
+        console.print(f"optimizer steps: {mark(trained)} {len(result.losses)}/{result.steps}"
+                      f"   loss {losses}   smallest learned step {smallest}")
+    if result.train_error:
+        console.print(f"[red]training error:[/red] {result.train_error}")
     console.print(f"verdict: {mark(result.ok)}")

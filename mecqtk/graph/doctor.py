@@ -1,9 +1,10 @@
-"""Check a model against a recipe without training: what is quantized, and does it run.
+"""Check a model against a recipe: what is quantized, does it run, and does it train.
 
 :func:`explain` only prepares the model and reports per layer. :func:`doctor` goes on to set
 BatchNorm statistics and calibrate on one random batch, run one forward and backward pass (and an
-eval-mode forward), and checks that outputs and gradients are finite and that every quantized
-layer actually ran.
+eval-mode forward), checks that outputs and gradients are finite and that every quantized layer
+actually ran, then takes a few optimizer steps with the recipe's optimizer and learning rate and
+checks that the loss, the gradients and every step size stay valid.
 """
 
 from __future__ import annotations
@@ -19,12 +20,18 @@ from torch import nn
 from mecqtk.errors import GraphError
 from mecqtk.graph.pipeline import prepare
 from mecqtk.graph.report import QuantReport, quant_report
-from mecqtk.quant.calibrate import calibrate, calibrate_weights
+from mecqtk.quant.calibrate import calibrate
 from mecqtk.quant.modules import QuantizedLayer
-from mecqtk.quant.quantizers import FakeQuantizer, Mode
+from mecqtk.quant.quantizers import FakeQuantizer, first_invalid_step, keep_steps_valid
 from mecqtk.recipe import Recipe, load_recipe
+from mecqtk.train.optim import build_optimizer
 
 DEFAULT_RECIPE = "w4a4_lsq.yaml"
+# optimizer steps doctor takes by default: the first updates are where a step size breaks
+DEFAULT_STEPS = 3
+# their batch: BatchNorm in train mode over 2 samples of a 1x1 feature map has a variance of
+# 0 whenever both quantize to the same code, which no real training batch sees
+TRAIN_BATCH = 16
 # Weight step sizes for the check come from min-max: per-channel MSE on millions of weights
 # takes most of a minute on a CPU. Activations use the recipe's own observers, as training does.
 CHECK_WEIGHT_OBSERVER = "minmax"
@@ -85,6 +92,10 @@ class DoctorResult:
     not_run: tuple[str, ...] = ()
     seconds: float = 0.0
     ops: dict[str, int] = field(default_factory=dict)
+    steps: int = 0  # optimizer steps asked for
+    losses: tuple[float, ...] = ()  # loss before each optimizer step taken
+    smallest_step: float | None = None  # smallest learned step size after the last update
+    train_error: str | None = None
 
     @property
     def layers_total(self) -> int:
@@ -104,7 +115,8 @@ class DoctorResult:
     def ok(self) -> bool:
         """Traced, ran forward and backward with finite values, every layer quantized and run."""
         return (self.traced and self.forward_ok and self.backward_ok and not self.float_layers
-                and not self.not_run)
+                and not self.not_run and self.train_error is None
+                and len(self.losses) == self.steps)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -115,7 +127,9 @@ class DoctorResult:
             "layers_quantized": self.layers_quantized, "layers_float": len(self.float_layers),
             "float_layers": self.float_layers,
             "layers_not_run": list(self.not_run), "quantized_ops": self.ops,
-            "error": self.error, "seconds": round(self.seconds, 2),
+            "error": self.error, "steps": self.steps, "losses": list(self.losses),
+            "smallest_step": self.smallest_step, "train_error": self.train_error,
+            "seconds": round(self.seconds, 2),
         }
 
 
@@ -131,38 +145,6 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
 
 
-@torch.no_grad()
-def _settle_batchnorm(qmodel: nn.Module, x: torch.Tensor) -> None:
-    """Set BN running statistics from ``x``: weights quantized (calibrated first), activations
-    float, one forward in train mode with a cumulative average.
-
-    A randomly initialised model has running mean 0 and variance 1 everywhere, so eval-mode
-    calibration would see activations at a scale training never produces and pick steps that
-    round everything to zero. A trained checkpoint's statistics match its data; this mimics that.
-    """
-    calibrate_weights(qmodel, CHECK_WEIGHT_OBSERVER)
-    norms = [m for m in qmodel.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-             and m.track_running_stats]
-    weights = {id(m.weight_quantizer) for m in qmodel.modules() if isinstance(m, QuantizedLayer)}
-    quantizers = [m for m in qmodel.modules()
-                  if isinstance(m, FakeQuantizer) and id(m) not in weights]
-    saved = [(m, m.momentum) for m in norms]
-    modes = [(q, q.mode) for q in quantizers]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None
-    for quantizer in quantizers:
-        quantizer.mode = Mode.BYPASS
-    qmodel.train()
-    try:
-        qmodel(x)
-    finally:
-        for norm, momentum in saved:
-            norm.momentum = momentum
-        for quantizer, mode in modes:
-            quantizer.mode = mode
-
-
 def _run_once(qmodel: nn.Module, x: torch.Tensor) -> tuple[bool, bool, tuple[str, ...], str | None]:
     """Calibrate on ``x``, one forward + backward in train mode, one forward in eval mode;
     (forward_ok, backward_ok, quantized layers that never ran, error)."""
@@ -170,8 +152,10 @@ def _run_once(qmodel: nn.Module, x: torch.Tensor) -> tuple[bool, bool, tuple[str
     hooks = [m.register_forward_hook(lambda mod, *_, name=n: ran.add(name))
              for n, m in qmodel.named_modules() if isinstance(m, QuantizedLayer)]
     try:
-        _settle_batchnorm(qmodel, x)
-        calibrate(qmodel, [x], weight_observer=CHECK_WEIGHT_OBSERVER)
+        calibrate(qmodel, [x], weight_observer=CHECK_WEIGHT_OBSERVER)  # settles BN statistics
+        invalid = first_invalid_step(qmodel)
+        if invalid is not None:
+            return False, False, (), f"after calibration, {invalid[0]}: {invalid[1]}"
         qmodel.train()
         out = qmodel(x)
         outputs = out if isinstance(out, tuple | list) else (out,)
@@ -201,6 +185,48 @@ def _run_once(qmodel: nn.Module, x: torch.Tensor) -> tuple[bool, bool, tuple[str
     return True, True, not_run, None
 
 
+def _smallest_step(qmodel: nn.Module) -> float | None:
+    steps = [m.step_size().min().item() for m in qmodel.modules()
+             if isinstance(m, FakeQuantizer) and m.scale.requires_grad]
+    return min(steps) if steps else None
+
+
+def _train_steps(qmodel: nn.Module, recipe: Recipe, x: torch.Tensor, steps: int,
+                 seed: int) -> tuple[tuple[float, ...], str | None]:
+    """``steps`` optimizer steps on the batch ``x`` with random labels, the recipe's optimizer
+    at its full learning rate (no warm-up: the hardest point of any schedule); (losses, first
+    error)."""
+    optimizer = build_optimizer(qmodel, recipe.train.optimizer)
+    qmodel.train()
+    losses: list[float] = []
+    generator = torch.Generator().manual_seed(seed)
+    for step in range(1, steps + 1):
+        out = qmodel(x)
+        logits = out[0] if isinstance(out, tuple | list) else out
+        if logits.dim() == 2:
+            labels = torch.randint(logits.shape[1], (logits.shape[0],), generator=generator)
+            loss = nn.functional.cross_entropy(logits.float(), labels)
+        else:
+            loss = logits.float().square().mean()
+        if not torch.isfinite(loss):
+            return tuple(losses), f"loss is {loss.item()} at optimizer step {step}"
+        losses.append(loss.item())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for name, param in qmodel.named_parameters():
+            if param.grad is not None and not bool(torch.isfinite(param.grad).all()):
+                return tuple(losses), f"gradient of {name} is not finite at optimizer step {step}"
+        optimizer.step()
+        keep_steps_valid(qmodel)
+        invalid = first_invalid_step(qmodel)
+        if invalid is not None:
+            return tuple(losses), f"after optimizer step {step}, {invalid[0]}: {invalid[1]}"
+        for name, param in qmodel.named_parameters():
+            if not bool(torch.isfinite(param).all()):
+                return tuple(losses), f"{name} is not finite after optimizer step {step}"
+    return tuple(losses), None
+
+
 def check_model(
     float_model: nn.Module,
     recipe: str | Recipe | None = None,
@@ -209,6 +235,7 @@ def check_model(
     name: str | None = None,
     batch_size: int = 2,
     seed: int = 0,
+    steps: int = DEFAULT_STEPS,
 ) -> DoctorResult:
     """:func:`doctor` for a model object (built with whatever arguments it needs).
 
@@ -233,10 +260,20 @@ def check_model(
     torch.manual_seed(seed)
     x = torch.randn(batch_size, *size)
     forward_ok, backward_ok, not_run, error = _run_once(qmodel, x)
+    losses: tuple[float, ...] = ()
+    train_error = None
+    if forward_ok and backward_ok and steps > 0:
+        try:
+            batch = torch.randn(max(batch_size, TRAIN_BATCH), *size,
+                                generator=torch.Generator().manual_seed(seed + 1))
+            losses, train_error = _train_steps(qmodel, loaded, batch, steps, seed)
+        except Exception as err:  # reported, not raised, like every other doctor failure
+            train_error = f"training step: {_first_line(err)}"
     return DoctorResult(
         name, loaded.name, size, traced=True, forward_ok=forward_ok, backward_ok=backward_ok,
         error=error, auto_leaves=report.auto_leaves, report=report, not_run=not_run,
-        seconds=time.perf_counter() - start, ops=ops,
+        seconds=time.perf_counter() - start, ops=ops, steps=steps, losses=losses,
+        smallest_step=_smallest_step(qmodel), train_error=train_error,
     )
 
 
@@ -247,8 +284,10 @@ def doctor(
     image_size: int | None = None,
     batch_size: int = 2,
     seed: int = 0,
+    steps: int = DEFAULT_STEPS,
 ) -> DoctorResult:
-    """Trace and quantize ``model``, run it once forward and backward, and report.
+    """Trace and quantize ``model``, run it once forward and backward, take ``steps`` optimizer
+    steps, and report.
 
     Calibration (min-max, on the same random batch) comes first, so step sizes are realistic.
     Failures to trace or run are reported in the result, not raised; an unknown model name or a
@@ -263,5 +302,5 @@ def doctor(
     loaded = _recipe(recipe)
     float_model = build_model(model)
     result = check_model(float_model, loaded, input_size=_input_size(float_model, image_size),
-                         name=model, batch_size=batch_size, seed=seed)
+                         name=model, batch_size=batch_size, seed=seed, steps=steps)
     return dataclasses.replace(result, seconds=time.perf_counter() - start)

@@ -42,6 +42,9 @@ def settle_batchnorm(model: nn.Module, batches: list[torch.Tensor]) -> int:
         return 0
     quantizers = [m for m in model.modules() if isinstance(m, FakeQuantizer)]
     modes = [q.mode for q in quantizers]
+    # trained statistics also move in train mode: keep a copy to put back
+    kept = [(m, {k: v.clone() for k, v in m.named_buffers(recurse=False)})
+            for m in model.modules() if isinstance(m, BatchNorm) and m not in unsettled]
     momenta = [bn.momentum for bn in unsettled]
     was_training = model.training
     for quantizer in quantizers:
@@ -59,6 +62,9 @@ def settle_batchnorm(model: nn.Module, batches: list[torch.Tensor]) -> int:
             quantizer.mode = mode
         for bn, momentum in zip(unsettled, momenta, strict=True):
             bn.momentum = momentum
+        for bn, buffers in kept:
+            for key, value in buffers.items():
+                getattr(bn, key).copy_(value)
         model.train(was_training)
     return len(unsettled)
 

@@ -41,6 +41,11 @@ class FakeQuantizer(nn.Module):
         self.scale = nn.Parameter(torch.ones(channels if self.per_channel else 1),
                                   requires_grad=spec.learn_step)
         self.register_buffer("initialized", torch.tensor(False))
+        # the smallest step this quantizer may take, set at calibration relative to the range it
+        # saw (see STEP_FLOOR_FRACTION); training projects the learned step back above it
+        self.register_buffer("step_floor", torch.full_like(self.scale.detach(), MIN_STEP))
+        # the step after the last projection (0: not calibrated yet), see keep_step_valid
+        self.register_buffer("previous_step", torch.zeros_like(self.scale.detach()))
         self.mode = Mode.QUANTIZE
         self.observer: Observer | None = None
 
@@ -64,10 +69,66 @@ class FakeQuantizer(nn.Module):
         # one sample (N_F) for activations.
         return lsq_grad_scale(x.numel() if self.per_channel else x[0].numel(), self.qmax)
 
+    # A step below 1/256 of the range's own step (absmax / largest code) would put all but a few
+    # values of the tensor into the clipped bounds: no training state worth keeping is down there.
+    STEP_FLOOR_FRACTION = 1.0 / 256
+    MAX_STEP_CHANGE = 2.0
+
     def step_size(self) -> torch.Tensor:
-        """The step size in use: the learned one, kept positive (the gradient passes unchanged)."""
-        floor = self.scale.detach().clamp_min(MIN_STEP) - self.scale.detach()
-        return self.scale + floor
+        """The step size in use: the learned one (with its LSQ gradient) wherever it is at or
+        above its floor, else the floor, so the forward stays valid even in a training loop
+        that never calls :meth:`keep_step_valid`."""
+        floor = self.step_floor.to(self.scale)
+        return torch.where(self.scale >= floor, self.scale, floor)
+
+    @torch.no_grad()
+    def keep_step_valid(self) -> None:
+        """Project the learned step back onto ``[step_floor, inf)`` after an optimizer update
+        (projected gradient descent: the LSQ gradient itself is unchanged). A momentum-driven
+        update can take a step of small-fanout layers (depthwise, squeeze-excitation) below
+        zero in one iteration. No host sync: safe to call every step on a GPU."""
+        floor = self.step_floor.to(self.scale)
+        previous = self.previous_step.to(self.scale)
+        # one update moves a step by at most a factor MAX_STEP_CHANGE either way: from an
+        # over-confident initialisation the first gradients push every activation step down at
+        # once, and a step that collapses in one iteration clips its whole tensor to one code
+        # (seen: efficientnet_b0 at W2A2 went constant, then NaN, at its third SGD step)
+        low = torch.maximum(previous / self.MAX_STEP_CHANGE, floor)
+        bounded = torch.minimum(torch.where(self.scale >= low, self.scale, low),  # NaN -> low
+                                previous * self.MAX_STEP_CHANGE)
+        valid = previous > 0  # before calibration there is nothing to compare with
+        self.scale.copy_(torch.where(valid, bounded, torch.maximum(self.scale, floor)))
+        self.previous_step.copy_(self.scale)
+
+    def invalid_step(self) -> str | None:
+        """Why the learned step is unusable (non-finite, or below its floor), or None."""
+        step = self.scale.detach()
+        if not bool(torch.isfinite(step).all()):
+            return f"step size is not finite ({step.min().item():.3g} .. {step.max().item():.3g})"
+        below = step < self.step_floor.to(step)
+        if bool(below.any()):
+            return (f"step size {step[below].min().item():.3g} is below its floor "
+                    f"{self.step_floor.to(step)[below].min().item():.3g}")
+        return None
+
+    def _set_floor(self, reference: torch.Tensor) -> None:
+        """Floor from ``reference`` (the range's own step per channel); a channel that saw only
+        zeros takes the median floor of the others."""
+        floor = (reference.to(self.scale) * self.STEP_FLOOR_FRACTION).clamp_min(MIN_STEP)
+        empty = reference <= MIN_STEP
+        if self.per_channel and empty.any() and not empty.all():
+            floor[empty] = floor[~empty].median()
+        self.step_floor.copy_(floor)
+        self.scale.copy_(torch.maximum(self.scale, floor))
+        self.previous_step.copy_(self.scale)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # run folders written before step floors existed: the old absolute floor
+        scale = state_dict.get(prefix + "scale")
+        if scale is not None:
+            state_dict.setdefault(prefix + "step_floor", torch.full_like(scale, MIN_STEP))
+            state_dict.setdefault(prefix + "previous_step", scale.detach().clone())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def start_observing(self, observer: str | None = None) -> None:
         """Pass values through and collect them; ``observer`` overrides the spec's."""
@@ -93,6 +154,8 @@ class FakeQuantizer(nn.Module):
         if self.per_channel and empty.any() and not empty.all():
             scale[empty] = scale[~empty].median()
         self.scale.copy_(scale)
+        bound = max(-self.qmin, self.qmax)
+        self._set_floor(observer.data().abs().amax(dim=1) / bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode is Mode.OBSERVE:
@@ -176,6 +239,9 @@ class LSQPlusQuantizer(FakeQuantizer):
         scale, zero_point = observer.compute_affine(self.qmin, self.qmax)
         self.scale.copy_(scale.to(self.scale))
         self.offset.copy_(zero_point.to(self.offset))
+        data = observer.data()
+        spread = data.amax(dim=1).clamp(min=0.0) - data.amin(dim=1).clamp(max=0.0)
+        self._set_floor(spread / (self.qmax - self.qmin))
 
     @torch.no_grad()
     def track_range(self, x: torch.Tensor) -> None:
@@ -215,6 +281,28 @@ class PACTQuantizer(FakeQuantizer):
             clipped = torch.where(scaled < self.qmin, float(self.qmin), clipped)
         # d out / d scale = the clipped code (qmax * d alpha), exactly 0 in value
         return out + (scale - scale.detach()) * clipped
+
+
+def keep_steps_valid(model: nn.Module) -> None:
+    """Project every learned step of ``model`` back above its floor; call after each optimizer
+    step (mecqtk's training loop and ``doctor`` do; so should a hand-written loop).
+
+    Example:
+        >>> optimizer.step(); keep_steps_valid(qmodel)
+    """
+    for module in model.modules():
+        if isinstance(module, FakeQuantizer) and module.scale.requires_grad:
+            module.keep_step_valid()
+
+
+def first_invalid_step(model: nn.Module) -> tuple[str, str] | None:
+    """(name, reason) of the first quantizer, in module order, whose step is unusable."""
+    for name, module in model.named_modules():
+        if isinstance(module, FakeQuantizer):
+            reason = module.invalid_step()
+            if reason is not None:
+                return name, reason
+    return None
 
 
 def make_quantizer(spec: QuantSpec, channels: int = 1, axis: int = 0) -> FakeQuantizer:

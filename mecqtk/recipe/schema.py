@@ -241,7 +241,11 @@ class OptimizerConfig:
     nesterov: bool = constrained(True, doc="Nesterov momentum (sgd with momentum > 0 only)")
     weight_decay: float = constrained(1e-4, ge=0.0, doc="decoupled for adamw, L2 for sgd")
     quantizer_lr_scale: float = constrained(
-        1.0, gt=0.0, doc="learning-rate multiplier for step sizes (no weight decay on them)"
+        1.0, gt=0.0, doc="learning-rate multiplier for the quantizers' step sizes and offsets"
+    )
+    quantizer_weight_decay: float = constrained(
+        0.0, ge=0.0, doc="weight decay of step sizes and offsets (LSQ trains them without: decay "
+        "shrinks the quantization range)"
     )
 
 

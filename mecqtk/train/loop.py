@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mecqtk.errors import MecqtkError
+from mecqtk.quant.quantizers import keep_steps_valid
 
 # Extra loss terms (MEC, distillation) plug in here: they get the batch, the logits and the global
 # step and return named scalar tensors that are added to the task loss ("log_*" are only logged).
@@ -151,6 +152,7 @@ def train_one_epoch(
             s.scaler.update()
         else:
             s.optimizer.step()
+        keep_steps_valid(s.model)
         s.scheduler.step()
         batch = labels.numel()
         stats.loss_sum += loss_value * batch

@@ -13,8 +13,9 @@ from mecqtk.recipe.schema import OptimizerConfig, ScheduleConfig
 
 
 def parameter_groups(model: nn.Module, config: OptimizerConfig) -> list[dict]:
-    """Weights decay; biases, norm parameters and quantizer step sizes do not (decaying a step
-    size would shrink the quantization range towards zero)."""
+    """Weights decay; biases and norm parameters do not; quantizer step sizes and offsets get
+    their own learning-rate multiplier and weight decay (``quantizer_lr_scale``,
+    ``quantizer_weight_decay``, default none: decaying a step shrinks the range)."""
     quantizer_params = {id(p) for m in model.modules() if isinstance(m, FakeQuantizer)
                         for p in m.parameters(recurse=False)}
     decay, no_decay, quant = [], [], []
@@ -30,7 +31,8 @@ def parameter_groups(model: nn.Module, config: OptimizerConfig) -> list[dict]:
     groups = [
         {"params": decay, "weight_decay": config.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
-        {"params": quant, "weight_decay": 0.0, "lr": config.lr * config.quantizer_lr_scale},
+        {"params": quant, "weight_decay": config.quantizer_weight_decay,
+         "lr": config.lr * config.quantizer_lr_scale},
     ]
     return [g for g in groups if g["params"]]
 

@@ -1,17 +1,21 @@
 """Coverage suite: the 25 timm architectures of issue 3 at W2A2 and W4A4.
 
 Each model is traced, quantized, calibrated (min-max) and run once forward and backward on a
-small input. Every Conv/Linear must be quantized (the report covers every layer of the float
-model, so nothing can stay float silently), every quantized layer must run, and outputs and
-gradients must be finite. A quick subset runs by default; ``pytest -m slow`` runs all 25.
+small input, then trained for a few optimizer steps with the recipe's optimizer at its full
+learning rate. Every Conv/Linear must be quantized (the report covers every layer of the float
+model, so nothing can stay float silently), every quantized layer must run, outputs and
+gradients must be finite, and the loss and every learned step size must stay valid through the
+steps. A quick subset runs by default; ``pytest -m slow`` runs all 25.
 """
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from torch import nn
 
-from mecqtk.graph.doctor import check_model
+from mecqtk.graph.doctor import DEFAULT_STEPS, check_model
 from mecqtk.graph.zoo import COVERAGE_MODELS, small_model
 from mecqtk.quant.modules import is_quantizable_layer
 
@@ -38,6 +42,10 @@ def test_model_is_fully_quantized_and_runs(name, recipe):
     assert result.float_layers == []
     assert result.layers_quantized == len(layers) > 0
     assert result.not_run == ()
+    assert result.train_error is None, result.train_error
+    assert len(result.losses) == result.steps == DEFAULT_STEPS
+    assert all(math.isfinite(loss) for loss in result.losses)
+    assert result.smallest_step is not None and result.smallest_step > 0
     assert result.ok
 
 
