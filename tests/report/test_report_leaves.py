@@ -16,6 +16,7 @@ from mecqtk.quant.calibrate import calibrate
 from mecqtk.recipe import load_recipe
 from mecqtk.report.build import load_images
 from mecqtk.report.collect import collect
+from mecqtk.report.sensitivity import suggest_recipe
 from mecqtk.report.sites import find_sites
 
 
@@ -61,3 +62,18 @@ def test_every_layer_inside_leaves_is_measured(mobilevit, data_spec):
         assert layer.input is not None and layer.input.levels_used > 1, layer.name
         assert math.isfinite(layer.local_sqnr_db) and layer.local_sqnr_db > 5, layer.name
         assert math.isfinite(layer.output_sqnr_db), layer.name
+
+
+def test_suggested_recipe_raises_layers_inside_leaves(mobilevit):
+    model, qmodel = mobilevit
+    sites = find_sites(qmodel)
+    eager = next(s.name for s in sites if s.input_name.endswith(".input_quantizer"))
+    nested = next(s.name for s in sites if ".transformer." in s.name)
+    recipe = load_recipe("w4a4_lsq.yaml")
+    mixed, raised = suggest_recipe(recipe, sites, [eager, nested], raise_top=2)
+    assert raised == {eager: 8, nested: 8}
+    bits = {s.name: (s.weight_quantizer.bits, s.input_quantizer.bits)
+            for s in find_sites(prepare(model, mixed))}
+    assert bits[eager] == bits[nested] == (8, 8)
+    assert sum(b == (8, 8) for b in bits.values()) == 2 + sum(
+        (s.weight_quantizer.bits, s.input_quantizer.bits) == (8, 8) for s in sites)
