@@ -12,13 +12,12 @@ from dataclasses import dataclass
 import torch.fx as fx
 from torch import nn
 
-from mecqtk.graph.insert import ACT_PREFIX, WEIGHT_PREFIX
-from mecqtk.graph.meta import NodeQuant, get_quant, graph_info
+from mecqtk.graph.leaves import annotations_in_order
+from mecqtk.graph.meta import NodeQuant, graph_info
 from mecqtk.quant.modules import QuantizedLayer, is_quantizable_layer
 
 NOT_CALLED = "never called as a module by the traced forward (unused, or read by functional code)"
 LAYER_KINDS = ("conv", "linear")
-QUANTIZER_PREFIXES = (ACT_PREFIX, WEIGHT_PREFIX)
 
 
 @dataclass(frozen=True)
@@ -93,45 +92,21 @@ def _row(name: str, quant: NodeQuant, op: str, eager: bool = False) -> LayerRow:
     )
 
 
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
-
-
 def _annotated_rows(qmodel: fx.GraphModule, originals: dict[str, nn.Module]) -> list[LayerRow]:
-    """Rows in execution order: graph order, with the interior of a leaf module (its nested
-    graphs and eager layers) spliced in where the leaf is called."""
+    """Rows in execution order (see :func:`~mecqtk.graph.leaves.annotations_in_order`)."""
     rows: list[LayerRow] = []
-
-    def graph_rows(gm: fx.GraphModule, prefix: str) -> None:
-        eager = graph_info(gm).eager_layers
-        for node in gm.graph.nodes:
-            quant = get_quant(node)
-            if quant is not None:
-                name = _join(prefix, quant.module_name)
-                op = (describe_layer(originals.get(name) or qmodel.get_submodule(name))
-                      if quant.kind in LAYER_KINDS else quant.kind)
-                if quant.weight_input is not None:
-                    op += " (functional)"
-                if quant.bn is not None:
-                    op += " + folded BN"
-                rows.append(_row(name, quant, op))
-            elif node.op == "call_module" and not node.target.startswith(QUANTIZER_PREFIXES):
-                leaf_rows(gm, gm.get_submodule(node.target), str(node.target), prefix, eager)
-
-    def leaf_rows(gm: fx.GraphModule, module: nn.Module, local: str, prefix: str,
-                  eager: dict[str, NodeQuant]) -> None:
-        if local in eager:
-            name = _join(prefix, local)
-            rows.append(_row(name, eager[local], describe_layer(module), eager=True))
-            return
-        for child_name, child in module.named_children():
-            path = f"{local}.{child_name}"
-            if isinstance(child, fx.GraphModule):
-                graph_rows(child, _join(prefix, path))
-            else:
-                leaf_rows(gm, child, path, prefix, eager)
-
-    graph_rows(qmodel, "")
+    for annotation in annotations_in_order(qmodel):
+        name, quant = annotation.name, annotation.quant
+        if annotation.eager:
+            rows.append(_row(name, quant, describe_layer(qmodel.get_submodule(name)), eager=True))
+            continue
+        op = (describe_layer(originals.get(name) or qmodel.get_submodule(name))
+              if quant.kind in LAYER_KINDS else quant.kind)
+        if quant.weight_input is not None:
+            op += " (functional)"
+        if quant.bn is not None:
+            op += " + folded BN"
+        rows.append(_row(name, quant, op))
     return rows
 
 

@@ -15,11 +15,23 @@ from mecqtk.recipe.validate import from_data, to_data
 
 
 def bundled_recipe_dir() -> Path:
-    """The folder of recipes shipped with mecqtk (source checkout or installed package)."""
-    checkout = Path(__file__).resolve().parents[2] / "recipes"
-    if checkout.is_dir():
-        return checkout
-    return Path(str(importlib.resources.files("mecqtk") / "recipes"))
+    """The folder of recipes shipped with mecqtk (source checkout or installed package).
+
+    In a checkout (editable install or PYTHONPATH) the recipes' one home is the top-level
+    ``recipes/`` folder; setup.py ships that folder in the wheel as ``mecqtk/recipes``. The
+    checkout is recognised by its setup.py, so a stray ``recipes/`` beside an installed package in
+    site-packages is never taken for it.
+    """
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / "setup.py").is_file() and (checkout / "recipes").is_dir():
+        return checkout / "recipes"
+    installed = Path(str(importlib.resources.files("mecqtk"))) / "recipes"
+    if installed.is_dir():
+        return installed
+    raise RecipeError(
+        f"mecqtk's bundled recipes are missing: neither {checkout / 'recipes'} (source checkout) "
+        f"nor {installed} (installed package) exists; reinstall mecqtk"
+    )
 
 
 def bundled_recipes() -> list[str]:
