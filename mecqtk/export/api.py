@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import onnx
 import onnx.checker
@@ -12,14 +12,22 @@ import onnx.shape_inference
 import torch
 import torch.fx as fx
 
+from mecqtk.convert import convert
 from mecqtk.errors import ExportError
-from mecqtk.export import ops, quantized, shape_ops  # noqa: F401  (registers the handlers)
-from mecqtk.export.builder import GraphBuilder
-from mecqtk.export.lower import EXPORT_FORMATS, ExportFormat, Lowering
 from mecqtk.export.manifest import Manifest, manifest_path_for, sha256_of
-from mecqtk.export.shapes import record_values
+from mecqtk.export.onnx_export import (
+    INPUT_NAME,
+    activation_entries,
+    pack_weights,
+    torch_onnx_export,
+    weight_entries,
+)
+from mecqtk.export.verify import VerifyReport, compare
 from mecqtk.io import atomic_write_bytes
 from mecqtk.quant.modules import QuantizedLayer
+
+ExportFormat = Literal["qcdq", "packed"]
+EXPORT_FORMATS: tuple[str, ...] = ("qcdq", "packed")
 
 DEFAULT_OPSET = 21
 MIN_OPSET = 13
@@ -62,6 +70,46 @@ def check_model(model: onnx.ModelProto) -> onnx.ModelProto:
         raise ExportError(f"exported graph fails the ONNX checker: {first_line}") from err
 
 
+# The self-check's tolerance: at most this share of top-1 decisions (and at least one image of a
+# small probe) may differ, and an activation's codes may differ by at most one step on at most
+# this share of its values (float rounding at a rounding boundary), never by more.
+SELF_CHECK_TOP1_PCT = 99.0
+SELF_CHECK_CODES_PCT = 0.5
+PROBE_IMAGES = 16
+
+
+def probe_batch(input_shape: tuple[int, ...], n: int = PROBE_IMAGES) -> torch.Tensor:
+    """Random inputs at the model's size (the probe when no images are given)."""
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(n, *input_shape, generator=generator)
+
+
+def self_check(deploy: torch.nn.Module, model: onnx.ModelProto, manifest: Manifest,
+               probe: torch.Tensor) -> VerifyReport:
+    """Run ``model`` in onnxruntime against the deploy form on ``probe``; raise
+    :class:`ExportError` naming the first diverging quantizer beyond the stated tolerance."""
+    labels = torch.zeros(len(probe), dtype=torch.long)
+    report = compare(deploy, model, manifest, [(probe, labels)], threshold_pct=SELF_CHECK_TOP1_PCT,
+                     threads=1)
+    allowed_flips = max(1, int(len(probe) * (100 - SELF_CHECK_TOP1_PCT) / 100))
+    flips = round(report.n * (100 - report.top1_agreement_pct) / 100)
+    bad = [layer for layer in report.layers
+           if layer.max_abs_diff > 1 or layer.differing_pct > SELF_CHECK_CODES_PCT]
+    if bad or flips > allowed_flips:
+        first = bad[0] if bad else None
+        entry = next((e for e in manifest.activations() if first and e.layer == first.layer), None)
+        where = (f"first diverging tensor {entry.name} (quantizer {first.layer}, FX node "
+                 f"{entry.notes.get('fx_node', first.layer)}): {first.differing_pct:.2f}% of its "
+                 f"codes differ, by up to {first.max_abs_diff}"
+                 if first is not None and entry is not None
+                 else f"first diverging quantizer {report.first_diverging_layer}")
+        raise ExportError(
+            f"the exported file does not compute what the model computes: top-1 agreement "
+            f"{report.top1_agreement_pct:.1f}% on {report.n} probe inputs, {where}"
+        )
+    return report
+
+
 @torch.no_grad()
 def export_model(
     gm: fx.GraphModule,
@@ -69,8 +117,10 @@ def export_model(
     export_format: ExportFormat = "qcdq",
     opset: int | None = None,
     metadata: dict[str, str] | None = None,
+    probe: torch.Tensor | None = None,
 ) -> tuple[onnx.ModelProto, Manifest]:
-    """Lower a calibrated fake-quantized GraphModule to an integer ONNX model and its manifest.
+    """Convert a calibrated fake-quantized GraphModule to its deploy form, export it with
+    ``torch.onnx.export`` and check the result in onnxruntime.
 
     Args:
         gm: The model from :func:`mecqtk.prepare` (calibrated or trained), in eval mode.
@@ -78,6 +128,11 @@ def export_model(
         export_format: ``qcdq`` (int8 containers) or ``packed`` (INT4/INT2 weight storage).
         opset: ONNX opset; None picks the lowest one the format needs (21 or 25).
         metadata: Extra model properties to store in the file.
+        probe: Inputs for the self-check (default: 16 random inputs at ``input_shape``).
+
+    Raises:
+        ExportError: the model cannot be exported, or onnxruntime disagrees with the deploy form
+            beyond the self-check's tolerance (the message names the first diverging tensor).
 
     Example:
         >>> model, manifest = export_model(qmodel.eval(), (3, 32, 32), "qcdq")
@@ -92,24 +147,25 @@ def export_model(
         raise ExportError(
             f"opset {chosen} is outside {MIN_OPSET}..{onnx.defs.onnx_opset_version()}"
         )
-    device = next((p.device for p in gm.parameters()), torch.device("cpu"))
-    try:
-        gm.cpu()
-        values = record_values(gm, tuple(input_shape))
-        lowering = Lowering(gm, values, GraphBuilder(type(gm).__name__), export_format, chosen)
-        outputs = lowering.run(tuple(input_shape))
-    finally:
-        gm.to(device)
+    deploy, _ = convert(gm)
+    model = torch_onnx_export(deploy, tuple(input_shape), chosen)
+    fx_names = {str(n.target): n.name for n in gm.graph.nodes if n.op == "call_module"}
+    tensors = activation_entries(model, deploy, fx_names) + weight_entries(model, deploy)
+    if export_format == "packed":
+        pack_weights(model, tensors)
     props = {METADATA_FORMAT: export_format, **(metadata or {})}
-    model = lowering.builder.model(chosen, props, doc="exported by mecqtk")
+    for key, value in props.items():
+        model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
+    model.doc_string = "exported by mecqtk"
     check_model(model)
     manifest = Manifest(
         export_format=export_format,
         opset=chosen,
-        input={"name": "input", "shape": ["N", *input_shape]},
-        outputs=outputs,
-        tensors=lowering.entries,
+        input={"name": INPUT_NAME, "shape": ["N", *input_shape]},
+        outputs=[o.name for o in model.graph.output],
+        tensors=tensors,
     )
+    self_check(deploy, model, manifest, probe if probe is not None else probe_batch(input_shape))
     return model, manifest
 
 

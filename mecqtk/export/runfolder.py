@@ -11,8 +11,14 @@ from pathlib import Path
 import onnx
 
 from mecqtk.errors import ExportError
-from mecqtk.export.api import METADATA_RUN, ExportResult, export_model, save_export
-from mecqtk.export.lower import EXPORT_FORMATS, ExportFormat
+from mecqtk.export.api import (
+    EXPORT_FORMATS,
+    METADATA_RUN,
+    ExportFormat,
+    ExportResult,
+    export_model,
+    save_export,
+)
 from mecqtk.export.manifest import Manifest, manifest_path_for, read_manifest, sha256_of
 from mecqtk.export.session import load_onnx
 from mecqtk.export.verify import DEFAULT_THRESHOLD_PCT, VerifyReport, compare

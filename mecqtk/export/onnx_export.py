@@ -1,0 +1,189 @@
+"""The deploy-form model (:mod:`mecqtk.convert`) to ONNX with ``torch.onnx.export(dynamo=True)``.
+
+torch.onnx lowers every float operation; mecqtk only translates its two operators
+(:mod:`mecqtk.export.translate`). Afterwards the file is post-processed:
+
+- ``packed``: integer weight initializers are re-typed to INT4/INT2 and widened back to int8 by a
+  ``Cast`` (and a ``Mul`` by the code shift) in front of their DequantizeLinear, which
+  onnxruntime folds at load time, so the file is small and the integer kernels still apply;
+- the quant manifest is built from the written graph: every activation quantizer's codes tensor
+  is found through the node metadata torch.onnx records (the module path of the quantizer).
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import io
+import warnings
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper, numpy_helper
+from torch import nn
+
+from mecqtk.convert import DeployLayer, FrozenQuantizer
+from mecqtk.errors import ExportError
+from mecqtk.export.manifest import TensorEntry
+from mecqtk.export.translate import translation_table
+from mecqtk.export.weights import storage_dtype
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "output"
+_NAME_SCOPES = "pkg.torch.onnx.name_scopes"
+_ONNX_TYPES = {
+    "int4": onnx.TensorProto.INT4, "uint4": onnx.TensorProto.UINT4,
+    "int2": getattr(onnx.TensorProto, "INT2", None),
+    "uint2": getattr(onnx.TensorProto, "UINT2", None),
+}
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    return lines[0][:300] if lines else type(err).__name__
+
+
+def torch_onnx_export(deploy: nn.Module, input_shape: tuple[int, ...],
+                      opset: int) -> onnx.ModelProto:
+    """``torch.onnx.export`` of the deploy form with a dynamic batch dimension when the model
+    allows one (a static batch of 1 otherwise)."""
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    attempts: list[tuple[tuple[int, ...], Any]] = [
+        ((2, *input_shape), ({0: batch},)), ((1, *input_shape), None)]
+    last: BaseException | None = None
+    for shape, dynamic in attempts:
+        example = torch.randn(*shape)
+        try:
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+                warnings.simplefilter("ignore")
+                program = torch.onnx.export(
+                    deploy, (example,), dynamo=True, opset_version=opset,
+                    custom_translation_table=translation_table(), input_names=[INPUT_NAME],
+                    output_names=[OUTPUT_NAME], dynamic_shapes=dynamic, verbose=False,
+                )
+        except Exception as err:  # torch.export / torch.onnx raise many exception types
+            last = err
+            continue
+        assert program is not None
+        return program.model_proto
+    assert last is not None
+    raise ExportError(f"torch.onnx.export failed: {_first_line(last)}") from last
+
+
+def _scope(node: onnx.NodeProto) -> list[str]:
+    for prop in node.metadata_props:
+        if prop.key == _NAME_SCOPES:
+            with contextlib.suppress(ValueError, SyntaxError):
+                return list(ast.literal_eval(prop.value))
+    return []
+
+
+def _owner(node: onnx.NodeProto, names: set[str]) -> str | None:
+    """The module path (one of ``names``) whose call created ``node``, from its name scopes."""
+    scopes = _scope(node)
+    # name scopes hold one entry per module level ('', 'layer1', 'layer1.0', ...): the deepest
+    # one that is a known module is the owner.
+    for scope in reversed(scopes):
+        if scope in names:
+            return scope
+    return None
+
+
+def activation_entries(model: onnx.ModelProto, deploy: nn.Module,
+                       fx_names: dict[str, str]) -> list[TensorEntry]:
+    """A manifest entry for the first call of every activation quantizer found in the graph."""
+    quantizers = {n: m for n, m in deploy.named_modules() if isinstance(m, FrozenQuantizer)}
+    entries: dict[str, TensorEntry] = {}
+    clip_of = {n.input[0]: n for n in model.graph.node if n.op_type == "Clip"}
+    for node in model.graph.node:
+        if node.op_type != "QuantizeLinear":
+            continue
+        owner = _owner(node, set(quantizers))
+        if owner is None or owner in entries:
+            continue
+        q = quantizers[owner]
+        clip = clip_of.get(node.output[0])
+        codes = clip.output[0] if clip is not None and _owner(clip, {owner}) else node.output[0]
+        zero = q.zero_point.numpy().astype(np.int64) - q.offset
+        entries[owner] = TensorEntry.build(
+            name=codes, role="activation", layer=owner, bits=q.bits, signed=q.signed,
+            qrange=(q.qmin - q.offset, q.qmax - q.offset), scale=q.scale.numpy(),
+            zero_point=zero, axis=q.axis, storage="uint8" if q.offset or not q.signed else "int8",
+            storage_offset=q.offset, onnx={"codes": codes, "quantize": node.name},
+            notes={"fx_node": fx_names.get(owner, owner)},
+        )
+    return list(entries.values())
+
+
+def weight_entries(model: onnx.ModelProto, deploy: nn.Module) -> list[TensorEntry]:
+    """Manifest entries of the integer weights and int32 biases, by initializer name."""
+    initializers = {i.name for i in model.graph.initializer}
+    entries = []
+    for name, layer in deploy.named_modules():
+        if not isinstance(layer, DeployLayer):
+            continue
+        codes_name = f"{name}.weight_codes"
+        shift = layer.bits_shift
+        scale = layer.weight_scale.numpy() * np.float32(2.0**shift)
+        signed = layer.weight_codes.dtype == torch.int8
+        bits = 8 - shift
+        qrange = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+        entries.append(TensorEntry.build(
+            name=codes_name, role="weight", layer=name, bits=bits, signed=signed, qrange=qrange,
+            scale=scale, zero_point=layer.weight_zero_point.numpy().astype(np.int64) >> shift,
+            axis=0, storage=str(layer.weight_codes.numpy().dtype), storage_offset=0,
+            onnx={"codes": codes_name if codes_name in initializers else ""}, code_shift=shift,
+            notes={"folded_batchnorm": layer.folded_batchnorm,
+                   **({"float_bias": layer.float_bias_reason} if layer.float_bias_reason
+                      else {})},
+        ))
+        if layer.bias_codes is not None and layer.bias_scale is not None:
+            bias_name = f"{name}.bias_codes"
+            entries.append(TensorEntry.build(
+                name=bias_name, role="bias", layer=name, bits=32, signed=True,
+                qrange=(-(2**31), 2**31 - 1), scale=layer.bias_scale.numpy(),
+                zero_point=np.zeros(layer.bias_codes.shape, np.int64), axis=0, storage="int32",
+                storage_offset=0, onnx={"codes": bias_name if bias_name in initializers else ""},
+            ))
+    return entries
+
+
+def pack_weights(model: onnx.ModelProto, entries: list[TensorEntry]) -> int:
+    """Store the codes of every weight narrower than 8 bits as INT4/INT2 (``packed``): the
+    initializer holds the logical codes, a Cast (and Mul by ``2**code_shift``) rebuilds the int8
+    container the DequantizeLinear reads. Returns how many weights were packed."""
+    initializers = {i.name: i for i in model.graph.initializer}
+    packed = 0
+    for entry in entries:
+        name = entry.onnx.get("codes", "")
+        if entry.role != "weight" or entry.bits > 4 or name not in initializers:
+            continue
+        tensor = initializers[name]
+        container = numpy_helper.to_array(tensor)
+        dtype = storage_dtype(entry.bits, entry.signed, packed=True)
+        onnx_type = _ONNX_TYPES.get(dtype.name)
+        if onnx_type is None:
+            raise ExportError(f"this onnx has no {dtype.name} type; update onnx or use qcdq")
+        logical = container.astype(np.int64) >> entry.code_shift
+        stored_name = f"{name}.packed"
+        packed_tensor = helper.make_tensor(stored_name, onnx_type, logical.shape,
+                                           logical.astype(np.int64).flatten().tolist())
+        model.graph.initializer.remove(tensor)
+        model.graph.initializer.append(packed_tensor)
+        to = onnx.TensorProto.INT8 if entry.signed else onnx.TensorProto.UINT8
+        widened = f"{name}.widened"
+        nodes = [helper.make_node("Cast", [stored_name], [widened if entry.code_shift else name],
+                                  name=f"{name}.cast", to=to)]
+        if entry.code_shift:
+            factor = f"{name}.shift_factor"
+            np_type = np.int8 if entry.signed else np.uint8
+            model.graph.initializer.append(
+                numpy_helper.from_array(np.array(1 << entry.code_shift, np_type), factor))
+            nodes.append(helper.make_node("Mul", [widened, factor], [name], name=f"{name}.shift"))
+        for position, node in enumerate(nodes):
+            model.graph.node.insert(position, node)
+        entry.storage = dtype.name
+        packed += 1
+    return packed
