@@ -70,10 +70,15 @@ def check_model(model: onnx.ModelProto) -> onnx.ModelProto:
         raise ExportError(f"exported graph fails the ONNX checker: {first_line}") from err
 
 
-# The self-check's tolerance: at most this share of top-1 decisions (and at least one image of a
-# small probe) may differ, and an activation's codes may differ by at most one step on at most
-# this share of its values (float rounding at a rounding boundary), never by more.
-SELF_CHECK_TOP1_PCT = 99.0
+# The self-check's tolerance. onnxruntime accumulates integer convolutions exactly and PyTorch in
+# float, so a value at a rounding boundary can land one code apart, and that one code spreads
+# through later layers (random weights amplify it). So the first activation whose codes differ
+# may differ by one step on at most SELF_CHECK_CODES_PCT of its values; a wrong translation shows
+# there as larger or more differences. Top-1 on a random probe of a random-weight model has
+# near-tied logits (seen: 2 of 16 flipped on a random vit_tiny with one code apart at the first
+# divergence), so its bound is loose; with real images it is verify's 99 %.
+SELF_CHECK_TOP1_PCT = 75.0
+SELF_CHECK_TOP1_REAL_PCT = 99.0
 SELF_CHECK_CODES_PCT = 0.5
 PROBE_IMAGES = 16
 
@@ -85,24 +90,22 @@ def probe_batch(input_shape: tuple[int, ...], n: int = PROBE_IMAGES) -> torch.Te
 
 
 def self_check(deploy: torch.nn.Module, model: onnx.ModelProto, manifest: Manifest,
-               probe: torch.Tensor) -> VerifyReport:
+               probe: torch.Tensor, top1_pct: float = SELF_CHECK_TOP1_PCT) -> VerifyReport:
     """Run ``model`` in onnxruntime against the deploy form on ``probe``; raise
-    :class:`ExportError` naming the first diverging quantizer beyond the stated tolerance."""
+    :class:`ExportError` naming the first diverging tensor beyond the stated tolerance."""
     labels = torch.zeros(len(probe), dtype=torch.long)
-    report = compare(deploy, model, manifest, [(probe, labels)], threshold_pct=SELF_CHECK_TOP1_PCT,
+    report = compare(deploy, model, manifest, [(probe, labels)], threshold_pct=top1_pct,
                      threads=1)
-    allowed_flips = max(1, int(len(probe) * (100 - SELF_CHECK_TOP1_PCT) / 100))
-    flips = round(report.n * (100 - report.top1_agreement_pct) / 100)
-    bad = [layer for layer in report.layers
-           if layer.max_abs_diff > 1 or layer.differing_pct > SELF_CHECK_CODES_PCT]
-    if bad or flips > allowed_flips:
-        first = bad[0] if bad else None
-        entry = next((e for e in manifest.activations() if first and e.layer == first.layer), None)
-        where = (f"first diverging tensor {entry.name} (quantizer {first.layer}, FX node "
-                 f"{entry.notes.get('fx_node', first.layer)}): {first.differing_pct:.2f}% of its "
-                 f"codes differ, by up to {first.max_abs_diff}"
-                 if first is not None and entry is not None
-                 else f"first diverging quantizer {report.first_diverging_layer}")
+    first = next((layer for layer in report.layers if layer.differing), None)
+    codes_bad = first is not None and (
+        first.max_abs_diff > 1 or first.differing_pct > SELF_CHECK_CODES_PCT)
+    if codes_bad or not report.passed:
+        where = "no activation codes differ"
+        if first is not None:
+            entry = next(e for e in manifest.activations() if e.layer == first.layer)
+            where = (f"first diverging tensor {entry.name} (quantizer {first.layer}, FX node "
+                     f"{entry.notes.get('fx_node', first.layer)}): {first.differing_pct:.2f}% of "
+                     f"its codes differ, by up to {first.max_abs_diff}")
         raise ExportError(
             f"the exported file does not compute what the model computes: top-1 agreement "
             f"{report.top1_agreement_pct:.1f}% on {report.n} probe inputs, {where}"
@@ -128,7 +131,9 @@ def export_model(
         export_format: ``qcdq`` (int8 containers) or ``packed`` (INT4/INT2 weight storage).
         opset: ONNX opset; None picks the lowest one the format needs (21 or 25).
         metadata: Extra model properties to store in the file.
-        probe: Inputs for the self-check (default: 16 random inputs at ``input_shape``).
+        probe: Real images for the self-check (top-1 agreement >= 99 %); default: 16 random
+            inputs at ``input_shape`` (top-1 agreement >= 75 %). The first diverging activation
+            may differ by one code on at most 0.5 % of its values in both cases.
 
     Raises:
         ExportError: the model cannot be exported, or onnxruntime disagrees with the deploy form
@@ -165,7 +170,10 @@ def export_model(
         outputs=[o.name for o in model.graph.output],
         tensors=tensors,
     )
-    self_check(deploy, model, manifest, probe if probe is not None else probe_batch(input_shape))
+    if probe is None:
+        self_check(deploy, model, manifest, probe_batch(input_shape))
+    else:
+        self_check(deploy, model, manifest, probe, SELF_CHECK_TOP1_REAL_PCT)
     return model, manifest
 
 
