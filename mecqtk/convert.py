@@ -39,6 +39,7 @@ from mecqtk.export.weights import (
     foldable_batchnorm,
     layer_terms,
 )
+from mecqtk.graph.ops import preserves_grid
 from mecqtk.quant.layer_forms import WeightInterceptor, layer_form
 from mecqtk.quant.modules import QuantizedLayer
 from mecqtk.quant.quantizers import FakeQuantizer
@@ -151,6 +152,7 @@ class ConvertReport:
     layers: int = 0
     folded_batchnorms: int = 0
     quantizers: int = 0
+    regrids: int = 0
     float_bias_layers: list[str] | None = None
 
 
@@ -188,6 +190,37 @@ def _input_step(module: QuantizedLayer, node: fx.Node | None,
     if isinstance(quantizer, FakeQuantizer) and quantizer.axis is None:
         return float(quantizer.step_size().item())
     return None
+
+
+def _regrid_max_pools(graph_module: fx.GraphModule, prefix: str) -> int:
+    """After a max pool of quantized values, quantize again on the input's grid.
+
+    The values are already on that grid, so this changes nothing (bit for bit), but it gives
+    onnxruntime the DequantizeLinear -> MaxPool -> QuantizeLinear group it runs on uint8 codes.
+    """
+    modules = dict(graph_module.named_modules())
+    added = 0
+    for node in list(graph_module.graph.nodes):
+        if not preserves_grid(node, modules):
+            continue
+        source = node.args[0] if node.args else None
+        if not isinstance(source, fx.Node) or source.op != "call_module":
+            continue
+        quantizer = modules.get(str(source.target))
+        if not isinstance(quantizer, FakeQuantizer) or quantizer.axis is not None:
+            continue
+        if all(u.op == "call_module" and isinstance(modules.get(str(u.target)), FakeQuantizer)
+               for u in node.users):
+            continue
+        target = f"{source.target}_regrid_{node.name}"
+        where = f"{prefix}.{target}" if prefix else target
+        graph_module.add_submodule(target, FrozenQuantizer.from_fake(quantizer, where))
+        with graph_module.graph.inserting_after(node):
+            regrid = graph_module.graph.call_module(target, (node,))
+        node.replace_all_uses_with(regrid, delete_user_cb=lambda user, new=regrid: user is not new)
+        added += 1
+    graph_module.recompile()
+    return added
 
 
 @torch.no_grad()
@@ -228,6 +261,8 @@ def convert(gm: nn.Module) -> tuple[nn.Module, ConvertReport]:
             if layer.float_bias_reason:
                 report.float_bias_layers.append(f"{where}: {layer.float_bias_reason}")
         graph_module.recompile()
+    for prefix, graph_module in graphs:
+        report.regrids += _regrid_max_pools(graph_module, prefix)
     # eager layers (called by leaf code, outside any graph): no folding
     for name, module in list(deploy.named_modules()):
         if isinstance(module, QuantizedLayer):

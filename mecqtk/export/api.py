@@ -18,6 +18,7 @@ from mecqtk.export.manifest import Manifest, manifest_path_for, sha256_of
 from mecqtk.export.onnx_export import (
     INPUT_NAME,
     activation_entries,
+    global_average_pools,
     pack_weights,
     torch_onnx_export,
     weight_entries,
@@ -156,6 +157,7 @@ def export_model(
     model = torch_onnx_export(deploy, tuple(input_shape), chosen)
     fx_names = {str(n.target): n.name for n in gm.graph.nodes if n.op == "call_module"}
     tensors = activation_entries(model, deploy, fx_names) + weight_entries(model, deploy)
+    global_average_pools(model)
     if export_format == "packed":
         pack_weights(model, tensors)
     props = {METADATA_FORMAT: export_format, **(metadata or {})}

@@ -150,6 +150,34 @@ def weight_entries(model: onnx.ModelProto, deploy: nn.Module) -> list[TensorEntr
     return entries
 
 
+def global_average_pools(model: onnx.ModelProto) -> int:
+    """ReduceMean over the two spatial axes of a 4-D tensor (keeping them) becomes
+    GlobalAveragePool, the same computation, which onnxruntime runs on uint8 codes between a
+    DequantizeLinear and a QuantizeLinear (QLinearGlobalAveragePool). Returns how many."""
+    constants = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    shapes = {v.name: len(v.type.tensor_type.shape.dim)
+              for v in [*model.graph.value_info, *model.graph.input]
+              if v.type.tensor_type.HasField("shape")}
+    replaced = 0
+    for index, node in enumerate(model.graph.node):
+        if node.op_type != "ReduceMean" or len(node.input) != 2 or shapes.get(node.input[0]) != 4:
+            continue
+        keep = next((a.i for a in node.attribute if a.name == "keepdims"), 1)
+        axes = constants.get(node.input[1])
+        if keep != 1 or axes is None or sorted(int(a) % 4 for a in axes.reshape(-1)) != [2, 3]:
+            continue
+        pool = helper.make_node("GlobalAveragePool", [node.input[0]], list(node.output),
+                                name=node.name)
+        pool.metadata_props.extend(node.metadata_props)
+        model.graph.node.remove(node)
+        model.graph.node.insert(index, pool)
+        replaced += 1
+    return replaced
+
+
 def pack_weights(model: onnx.ModelProto, entries: list[TensorEntry]) -> int:
     """Store the codes of every weight narrower than 8 bits as INT4/INT2 (``packed``): the
     initializer holds the logical codes, a Cast (and Mul by ``2**code_shift``) rebuilds the int8
