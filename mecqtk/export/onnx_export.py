@@ -80,7 +80,7 @@ def _scope(node: onnx.NodeProto) -> list[str]:
     return []
 
 
-def _owner(node: onnx.NodeProto, names: set[str]) -> str | None:
+def owner_module(node: onnx.NodeProto, names: set[str]) -> str | None:
     """The module path (one of ``names``) whose call created ``node``, from its name scopes."""
     scopes = _scope(node)
     # name scopes hold one entry per module level ('', 'layer1', 'layer1.0', ...): the deepest
@@ -100,12 +100,13 @@ def activation_entries(model: onnx.ModelProto, deploy: nn.Module,
     for node in model.graph.node:
         if node.op_type != "QuantizeLinear":
             continue
-        owner = _owner(node, set(quantizers))
+        owner = owner_module(node, set(quantizers))
         if owner is None or owner in entries:
             continue
         q = quantizers[owner]
         clip = clip_of.get(node.output[0])
-        codes = clip.output[0] if clip is not None and _owner(clip, {owner}) else node.output[0]
+        clipped = clip is not None and owner_module(clip, {owner}) is not None
+        codes = clip.output[0] if clipped else node.output[0]
         zero = q.zero_point.numpy().astype(np.int64) - q.offset
         entries[owner] = TensorEntry.build(
             name=codes, role="activation", layer=owner, bits=q.bits, signed=q.signed,
