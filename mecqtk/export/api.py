@@ -153,6 +153,10 @@ def export_model(
         raise ExportError(
             f"opset {chosen} is outside {MIN_OPSET}..{onnx.defs.onnx_opset_version()}"
         )
+    needed = default_opset(gm, export_format)
+    if chosen < needed:
+        raise ExportError(f"the {export_format} format of this model needs opset {needed} "
+                          f"(2-bit weight storage), got {chosen}")
     deploy, _ = convert(gm)
     model = torch_onnx_export(deploy, tuple(input_shape), chosen)
     fx_names = {str(n.target): n.name for n in gm.graph.nodes if n.op == "call_module"}

@@ -33,11 +33,6 @@ from mecqtk.export.weights import storage_dtype
 INPUT_NAME = "input"
 OUTPUT_NAME = "output"
 _NAME_SCOPES = "pkg.torch.onnx.name_scopes"
-_ONNX_TYPES = {
-    "int4": onnx.TensorProto.INT4, "uint4": onnx.TensorProto.UINT4,
-    "int2": getattr(onnx.TensorProto, "INT2", None),
-    "uint2": getattr(onnx.TensorProto, "UINT2", None),
-}
 
 
 def _first_line(err: BaseException) -> str:
@@ -49,7 +44,7 @@ def torch_onnx_export(deploy: nn.Module, input_shape: tuple[int, ...],
                       opset: int) -> onnx.ModelProto:
     """``torch.onnx.export`` of the deploy form with a dynamic batch dimension when the model
     allows one (a static batch of 1 otherwise)."""
-    batch = torch.export.Dim("batch", min=1, max=4096)
+    batch = torch.export.Dim("N", min=1, max=4096)
     attempts: list[tuple[tuple[int, ...], Any]] = [
         ((2, *input_shape), ({0: batch},)), ((1, *input_shape), None)]
     last: BaseException | None = None
@@ -192,13 +187,9 @@ def pack_weights(model: onnx.ModelProto, entries: list[TensorEntry]) -> int:
         tensor = initializers[name]
         container = numpy_helper.to_array(tensor)
         dtype = storage_dtype(entry.bits, entry.signed, packed=True)
-        onnx_type = _ONNX_TYPES.get(dtype.name)
-        if onnx_type is None:
-            raise ExportError(f"this onnx has no {dtype.name} type; update onnx or use qcdq")
         logical = container.astype(np.int64) >> entry.code_shift
         stored_name = f"{name}.packed"
-        packed_tensor = helper.make_tensor(stored_name, onnx_type, logical.shape,
-                                           logical.astype(np.int64).flatten().tolist())
+        packed_tensor = numpy_helper.from_array(logical.astype(dtype), stored_name)
         model.graph.initializer.remove(tensor)
         model.graph.initializer.append(packed_tensor)
         to = onnx.TensorProto.INT8 if entry.signed else onnx.TensorProto.UINT8
