@@ -61,6 +61,7 @@ class FrozenQuantizer(nn.Module):
         self.register_buffer("zero_point", zero_point)
         self.qmin, self.qmax, self.axis = qmin, qmax, axis
         self.bits, self.signed, self.offset = bits, signed, offset
+        self.regrid_of: str | None = None  # set on the exact requantization after a max pool
 
     @classmethod
     def from_fake(cls, quantizer: FakeQuantizer, where: str) -> FrozenQuantizer:
@@ -103,6 +104,7 @@ class DeployLayer(nn.Module):
         self.input_quantizer = input_quantizer
         self.bits_shift = folded.shift
         self.folded_batchnorm = False
+        self.notes: dict[str, object] = {}  # what the quant manifest records about this layer
         self.float_bias_reason = folded.float_bias_reason
         stored = folded.codes << folded.shift
         self.register_buffer("weight_codes", torch.from_numpy(stored).to(storage))
@@ -166,7 +168,7 @@ def _strip_parameters(layer: nn.Module) -> nn.Module:
 
 
 def _deploy_layer(module: QuantizedLayer, where: str, bn: nn.Module | None,
-                  input_step: float | None) -> DeployLayer:
+                  input_step: float | None, bn_name: str | None = None) -> DeployLayer:
     params = weight_params(module.weight_quantizer, where)
     terms = layer_terms(module, where)
     codes = weight_codes(module.weight_quantizer, terms.weight)
@@ -179,6 +181,12 @@ def _deploy_layer(module: QuantizedLayer, where: str, bn: nn.Module | None,
     layer = _strip_parameters(module.layer) if has_form else module.layer
     deploy = DeployLayer(layer, folded, storage, input_q, float_form_weight=not has_form)
     deploy.folded_batchnorm = bn is not None
+    deploy.notes = {
+        "trained_scale": np.asarray(params.scale, np.float32).reshape(-1).tolist(),
+        "folded_batchnorm": bn_name,
+        "constant_channels": list(folded.constant_channels),
+        **({"float_bias": folded.float_bias_reason} if folded.float_bias_reason else {}),
+    }
     return deploy
 
 
@@ -214,7 +222,9 @@ def _regrid_max_pools(graph_module: fx.GraphModule, prefix: str) -> int:
             continue
         target = f"{source.target}_regrid_{node.name}"
         where = f"{prefix}.{target}" if prefix else target
-        graph_module.add_submodule(target, FrozenQuantizer.from_fake(quantizer, where))
+        regrid_quantizer = FrozenQuantizer.from_fake(quantizer, where)
+        regrid_quantizer.regrid_of = str(source.target)
+        graph_module.add_submodule(target, regrid_quantizer)
         with graph_module.graph.inserting_after(node):
             regrid = graph_module.graph.call_module(target, (node,))
         node.replace_all_uses_with(regrid, delete_user_cb=lambda user, new=regrid: user is not new)
@@ -251,7 +261,8 @@ def convert(gm: nn.Module) -> tuple[nn.Module, ConvertReport]:
             if not callable(getattr(module, "folded_bias", None)):
                 bn_node = foldable_batchnorm(node, modules, channels)
             bn = None if bn_node is None else modules[str(bn_node.target)]
-            layer = _deploy_layer(module, where, bn, _input_step(module, node, modules))
+            layer = _deploy_layer(module, where, bn, _input_step(module, node, modules),
+                                  None if bn_node is None else bn_node.name)
             graph_module.set_submodule(str(node.target), layer)
             if bn_node is not None:
                 bn_node.replace_all_uses_with(node)

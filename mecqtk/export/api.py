@@ -18,8 +18,10 @@ from mecqtk.export.manifest import Manifest, manifest_path_for, sha256_of
 from mecqtk.export.onnx_export import (
     INPUT_NAME,
     activation_entries,
+    compact_metadata,
     global_average_pools,
     pack_weights,
+    quantizer_twins,
     torch_onnx_export,
     weight_entries,
 )
@@ -160,8 +162,11 @@ def export_model(
     deploy, _ = convert(gm)
     model = torch_onnx_export(deploy, tuple(input_shape), chosen)
     fx_names = {str(n.target): n.name for n in gm.graph.nodes if n.op == "call_module"}
-    tensors = activation_entries(model, deploy, fx_names) + weight_entries(model, deploy)
+    probe_inputs = probe if probe is not None else probe_batch(input_shape)
+    twins = quantizer_twins(deploy, probe_inputs[:2])
+    tensors = activation_entries(model, deploy, fx_names, twins) + weight_entries(model, deploy)
     global_average_pools(model)
+    compact_metadata(model)
     if export_format == "packed":
         pack_weights(model, tensors)
     props = {METADATA_FORMAT: export_format, **(metadata or {})}
@@ -176,10 +181,8 @@ def export_model(
         outputs=[o.name for o in model.graph.output],
         tensors=tensors,
     )
-    if probe is None:
-        self_check(deploy, model, manifest, probe_batch(input_shape))
-    else:
-        self_check(deploy, model, manifest, probe, SELF_CHECK_TOP1_REAL_PCT)
+    self_check(deploy, model, manifest, probe_inputs,
+               SELF_CHECK_TOP1_PCT if probe is None else SELF_CHECK_TOP1_REAL_PCT)
     return model, manifest
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import dataclasses
 import io
 import warnings
 from typing import Any
@@ -33,6 +34,7 @@ from mecqtk.export.weights import storage_dtype
 INPUT_NAME = "input"
 OUTPUT_NAME = "output"
 _NAME_SCOPES = "pkg.torch.onnx.name_scopes"
+MODULE_KEY = "mecqtk.module"
 
 
 def _first_line(err: BaseException) -> str:
@@ -69,6 +71,8 @@ def torch_onnx_export(deploy: nn.Module, input_shape: tuple[int, ...],
 
 def _scope(node: onnx.NodeProto) -> list[str]:
     for prop in node.metadata_props:
+        if prop.key == MODULE_KEY:
+            return [prop.value, node.name]
         if prop.key == _NAME_SCOPES:
             with contextlib.suppress(ValueError, SyntaxError):
                 return list(ast.literal_eval(prop.value))
@@ -86,62 +90,132 @@ def owner_module(node: onnx.NodeProto, names: set[str]) -> str | None:
     return None
 
 
-def activation_entries(model: onnx.ModelProto, deploy: nn.Module,
-                       fx_names: dict[str, str]) -> list[TensorEntry]:
-    """A manifest entry for the first call of every activation quantizer found in the graph."""
+def _dequantize_of(model: onnx.ModelProto, codes: str) -> onnx.NodeProto | None:
+    return next((n for n in model.graph.node
+                 if n.op_type == "DequantizeLinear" and n.input[0] == codes), None)
+
+
+@torch.no_grad()
+def quantizer_twins(deploy: nn.Module, probe: torch.Tensor) -> dict[str, str]:
+    """Quantizers that quantize the very same tensor on the same grid as an earlier one, mapped
+    to that one: the ONNX optimizer merges their nodes, so they share its codes tensor."""
+    seen: dict[tuple[Any, ...], str] = {}
+    twins: dict[str, str] = {}
+    handles = []
+    alive: list[torch.Tensor] = []  # inputs kept alive, so no two tensors share an id()
+
+    def hook(name: str) -> Any:
+        def record(module: FrozenQuantizer, args: tuple[Any, ...], _: Any) -> None:
+            if module.regrid_of is not None:
+                return
+            alive.append(args[0])
+            key = (id(args[0]), module.qmin, module.qmax, module.axis,
+                   tuple(module.scale.reshape(-1).tolist()),
+                   tuple(module.zero_point.reshape(-1).tolist()))
+            if key in seen and seen[key] != name:
+                twins.setdefault(name, seen[key])
+            seen.setdefault(key, name)
+        return record
+
+    for name, module in deploy.named_modules():
+        if isinstance(module, FrozenQuantizer):
+            handles.append(module.register_forward_hook(hook(name)))
+    try:
+        deploy(probe)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return twins
+
+
+def activation_entries(model: onnx.ModelProto, deploy: nn.Module, fx_names: dict[str, str],
+                       twins: dict[str, str] | None = None) -> list[TensorEntry]:
+    """A manifest entry for the first call of every activation quantizer found in the graph;
+    a quantizer merged into its twin (see :func:`quantizer_twins`) shares the twin's codes."""
     quantizers = {n: m for n, m in deploy.named_modules() if isinstance(m, FrozenQuantizer)}
     entries: dict[str, TensorEntry] = {}
+    regrids = {n for n, m in quantizers.items() if m.regrid_of is not None}
     clip_of = {n.input[0]: n for n in model.graph.node if n.op_type == "Clip"}
     for node in model.graph.node:
         if node.op_type != "QuantizeLinear":
             continue
         owner = owner_module(node, set(quantizers))
-        if owner is None or owner in entries:
+        if owner is None or owner in entries or owner in regrids:
             continue
         q = quantizers[owner]
         clip = clip_of.get(node.output[0])
         clipped = clip is not None and owner_module(clip, {owner}) is not None
         codes = clip.output[0] if clipped else node.output[0]
+        dequantize = _dequantize_of(model, codes)
         zero = q.zero_point.numpy().astype(np.int64) - q.offset
         entries[owner] = TensorEntry.build(
-            name=codes, role="activation", layer=owner, bits=q.bits, signed=q.signed,
+            name=dequantize.output[0] if dequantize is not None else codes, role="activation",
+            layer=owner, bits=q.bits, signed=q.signed,
             qrange=(q.qmin - q.offset, q.qmax - q.offset), scale=q.scale.numpy(),
             zero_point=zero, axis=q.axis, storage="uint8" if q.offset or not q.signed else "int8",
-            storage_offset=q.offset, onnx={"codes": codes, "quantize": node.name},
+            storage_offset=q.offset,
+            onnx={"codes": codes, "quantize": node.name, "scale": node.input[1],
+                  "zero_point": node.input[2]},
             notes={"fx_node": fx_names.get(owner, owner)},
         )
-    return list(entries.values())
+    for name, twin in (twins or {}).items():
+        if name in entries or twin not in entries:
+            continue
+        q, base = quantizers[name], entries[twin]
+        entries[name] = dataclasses.replace(
+            base, layer=name, notes={"fx_node": fx_names.get(name, name), "shares_codes_of": twin})
+    order = list(quantizers)
+    return sorted(entries.values(), key=lambda e: order.index(e.layer))
+
+
+def compact_metadata(model: onnx.ModelProto) -> None:
+    """Keep, of torch.onnx's per-node metadata (stack traces, FX text: half the file of a small
+    model), only the module that made each node (``mecqtk.module``), and drop the value_info
+    shapes (onnxruntime and onnx.shape_inference recompute them)."""
+    for node in model.graph.node:
+        chain = _scope(node)
+        del node.metadata_props[:]
+        # torch.onnx's name scopes end with the op's own name; the entry before it is the module
+        module = chain[-2] if len(chain) >= 2 else ""
+        if module:
+            node.metadata_props.append(onnx.StringStringEntryProto(key=MODULE_KEY, value=module))
+    del model.graph.value_info[:]
 
 
 def weight_entries(model: onnx.ModelProto, deploy: nn.Module) -> list[TensorEntry]:
     """Manifest entries of the integer weights and int32 biases, by initializer name."""
-    initializers = {i.name for i in model.graph.initializer}
     entries = []
     for name, layer in deploy.named_modules():
         if not isinstance(layer, DeployLayer):
             continue
         codes_name = f"{name}.weight_codes"
+        dequantize = _dequantize_of(model, codes_name)
         shift = layer.bits_shift
         scale = layer.weight_scale.numpy() * np.float32(2.0**shift)
         signed = layer.weight_codes.dtype == torch.int8
         bits = 8 - shift
         qrange = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+        graph = {} if dequantize is None else {
+            "codes": codes_name, "scale": dequantize.input[1], "zero_point": dequantize.input[2]}
         entries.append(TensorEntry.build(
-            name=codes_name, role="weight", layer=name, bits=bits, signed=signed, qrange=qrange,
-            scale=scale, zero_point=layer.weight_zero_point.numpy().astype(np.int64) >> shift,
+            name=dequantize.output[0] if dequantize is not None else codes_name, role="weight",
+            layer=name, bits=bits, signed=signed, qrange=qrange, scale=scale,
+            zero_point=layer.weight_zero_point.numpy().astype(np.int64) >> shift,
             axis=0, storage=str(layer.weight_codes.numpy().dtype), storage_offset=0,
-            onnx={"codes": codes_name if codes_name in initializers else ""}, code_shift=shift,
-            notes={"folded_batchnorm": layer.folded_batchnorm,
-                   **({"float_bias": layer.float_bias_reason} if layer.float_bias_reason
-                      else {})},
+            onnx=graph, code_shift=shift, notes=dict(layer.notes),
         ))
         if layer.bias_codes is not None and layer.bias_scale is not None:
             bias_name = f"{name}.bias_codes"
+            dequantize = _dequantize_of(model, bias_name)
+            graph = {} if dequantize is None else {
+                "codes": bias_name, "scale": dequantize.input[1],
+                "zero_point": dequantize.input[2]}
             entries.append(TensorEntry.build(
-                name=bias_name, role="bias", layer=name, bits=32, signed=True,
-                qrange=(-(2**31), 2**31 - 1), scale=layer.bias_scale.numpy(),
+                name=dequantize.output[0] if dequantize is not None else bias_name, role="bias",
+                layer=name, bits=32, signed=True, qrange=(-(2**31), 2**31 - 1),
+                scale=layer.bias_scale.numpy(),
                 zero_point=np.zeros(layer.bias_codes.shape, np.int64), axis=0, storage="int32",
-                storage_offset=0, onnx={"codes": bias_name if bias_name in initializers else ""},
+                storage_offset=0, onnx=graph,
             ))
     return entries
 
@@ -205,5 +279,6 @@ def pack_weights(model: onnx.ModelProto, entries: list[TensorEntry]) -> int:
         for position, node in enumerate(nodes):
             model.graph.node.insert(position, node)
         entry.storage = dtype.name
+        entry.onnx["codes"] = stored_name
         packed += 1
     return packed
