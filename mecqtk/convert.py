@@ -200,6 +200,14 @@ def _input_step(module: QuantizedLayer, node: fx.Node | None,
     return None
 
 
+def _batchnorm_tail(bn: nn.Module) -> nn.Module | None:
+    """What a normalisation layer does after normalising (timm's BatchNormAct2d: dropout, then
+    the activation), or None for a plain BatchNorm."""
+    parts = [getattr(bn, name, None) for name in ("drop", "act")]
+    parts = [p for p in parts if isinstance(p, nn.Module) and not isinstance(p, nn.Identity)]
+    return nn.Sequential(*parts) if parts else None
+
+
 def _regrid_max_pools(graph_module: fx.GraphModule, prefix: str) -> int:
     """After a max pool of quantized values, quantize again on the input's grid.
 
@@ -265,8 +273,12 @@ def convert(gm: nn.Module) -> tuple[nn.Module, ConvertReport]:
                                   None if bn_node is None else bn_node.name)
             graph_module.set_submodule(str(node.target), layer)
             if bn_node is not None:
-                bn_node.replace_all_uses_with(node)
-                graph_module.graph.erase_node(bn_node)
+                tail = _batchnorm_tail(bn)
+                if tail is None:
+                    bn_node.replace_all_uses_with(node)
+                    graph_module.graph.erase_node(bn_node)
+                else:  # timm's BatchNormAct2d: its dropout and activation stay
+                    graph_module.set_submodule(str(bn_node.target), tail)
                 report.folded_batchnorms += 1
             report.layers += 1
             if layer.float_bias_reason:

@@ -12,22 +12,12 @@ import onnx.shape_inference
 import torch
 import torch.fx as fx
 
-from mecqtk.convert import convert
 from mecqtk.errors import ExportError
 from mecqtk.export.manifest import Manifest, manifest_path_for, sha256_of
-from mecqtk.export.onnx_export import (
-    INPUT_NAME,
-    activation_entries,
-    compact_metadata,
-    global_average_pools,
-    pack_weights,
-    quantizer_twins,
-    torch_onnx_export,
-    weight_entries,
-)
 from mecqtk.export.verify import VerifyReport, compare
 from mecqtk.io import atomic_write_bytes
 from mecqtk.quant.modules import QuantizedLayer
+from mecqtk.quant.quantizers import FakeQuantizer
 
 ExportFormat = Literal["qcdq", "packed"]
 EXPORT_FORMATS: tuple[str, ...] = ("qcdq", "packed")
@@ -90,6 +80,33 @@ def probe_batch(input_shape: tuple[int, ...], n: int = PROBE_IMAGES) -> torch.Te
     """Random inputs at the model's size (the probe when no images are given)."""
     generator = torch.Generator().manual_seed(0)
     return torch.randn(n, *input_shape, generator=generator)
+
+
+@torch.no_grad()
+def check_convert(gm: torch.nn.Module, deploy: torch.nn.Module, probe: torch.Tensor) -> None:
+    """The deploy form must quantize like the model it came from: the first activation whose
+    codes differ may differ by one code on at most SELF_CHECK_CODES_PCT of its values (BatchNorm
+    folding changes float rounding only)."""
+    from mecqtk.export.verify import LayerAgreement, _CodeRecorder
+
+    names = [n for n, m in gm.named_modules() if isinstance(m, FakeQuantizer)
+             and not n.endswith("weight_quantizer")]
+    fake, frozen = _CodeRecorder(gm, set(names)), _CodeRecorder(deploy, set(names))
+    fake.run(probe)
+    frozen.run(probe)
+    for name in names:
+        if name not in fake.codes or name not in frozen.codes:
+            continue
+        layer = LayerAgreement(name, 0)
+        layer.add(frozen.codes[name], fake.codes[name])
+        if not layer.differing:
+            continue
+        if layer.max_abs_diff > 1 or layer.differing_pct > SELF_CHECK_CODES_PCT:
+            raise ExportError(
+                f"the convert stage changed what the model computes: quantizer {name} differs "
+                f"on {layer.differing_pct:.2f}% of its codes (by up to {layer.max_abs_diff})"
+            )
+        return
 
 
 def self_check(deploy: torch.nn.Module, model: onnx.ModelProto, manifest: Manifest,
@@ -155,6 +172,18 @@ def export_model(
         raise ExportError(
             f"opset {chosen} is outside {MIN_OPSET}..{onnx.defs.onnx_opset_version()}"
         )
+    # the convert stage imports this package's helpers: imported here, not at module load
+    from mecqtk.convert import convert
+    from mecqtk.export.onnx_export import (
+        activation_entries,
+        compact_metadata,
+        global_average_pools,
+        pack_weights,
+        quantizer_twins,
+        torch_onnx_export,
+        weight_entries,
+    )
+
     needed = default_opset(gm, export_format)
     if chosen < needed:
         raise ExportError(f"the {export_format} format of this model needs opset {needed} "
@@ -163,6 +192,7 @@ def export_model(
     model = torch_onnx_export(deploy, tuple(input_shape), chosen)
     fx_names = {str(n.target): n.name for n in gm.graph.nodes if n.op == "call_module"}
     probe_inputs = probe if probe is not None else probe_batch(input_shape)
+    check_convert(gm, deploy, probe_inputs)
     twins = quantizer_twins(deploy, probe_inputs[:2])
     tensors = activation_entries(model, deploy, fx_names, twins) + weight_entries(model, deploy)
     global_average_pools(model)
@@ -177,12 +207,21 @@ def export_model(
     manifest = Manifest(
         export_format=export_format,
         opset=chosen,
-        input={"name": INPUT_NAME, "shape": ["N", *input_shape]},
+        input={"name": "input", "shape": ["N", *input_shape]},
         outputs=[o.name for o in model.graph.output],
         tensors=tensors,
     )
-    self_check(deploy, model, manifest, probe_inputs,
-               SELF_CHECK_TOP1_PCT if probe is None else SELF_CHECK_TOP1_REAL_PCT)
+    checked = self_check(deploy, model, manifest, probe_inputs,
+                         SELF_CHECK_TOP1_PCT if probe is None else SELF_CHECK_TOP1_REAL_PCT)
+    manifest.self_check = {
+        "probe": "random" if probe is None else "images", "n": checked.n,
+        "top1_agreement_pct": checked.top1_agreement_pct,
+        "top1_threshold_pct": checked.threshold_pct,
+        "max_rel_logit_diff": checked.max_rel_logit_diff,
+        "first_diverging_tensor": checked.first_diverging_layer,
+        "codes_tolerance": f"first diverging activation within 1 code on <= "
+                           f"{SELF_CHECK_CODES_PCT} % of its values",
+    }
     return model, manifest
 
 
