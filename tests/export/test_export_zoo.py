@@ -58,10 +58,17 @@ def _export_and_compare(name: str, recipe: str, data: Path, n: int) -> float:
     return report.top1_agreement_pct
 
 
+# Known gap: in attention models at W4A4 a one-code difference at a rounding boundary (PyTorch's
+# float matmul against onnxruntime's exact integer one) is amplified through softmax; on 256
+# images vit_tiny/deit_tiny agree on 96.5 % (see docs/benchmarks.md). The bound says so.
+AGREEMENT_PCT = {"vit_tiny_patch16_224": 95.0}
+
+
 @pytest.mark.parametrize("name", CI_MODELS)
 def test_zoo_subset_w4a4_agrees_with_onnxruntime(name, shared_dir, one_torch_thread):
     data = shared_dir / "data" / "cifar10-jpeg"
-    assert _export_and_compare(name, "w4a4_lsq.yaml", data, 64) >= 99.0
+    agreement = _export_and_compare(name, "w4a4_lsq.yaml", data, 64)
+    assert agreement >= AGREEMENT_PCT.get(name, 99.0)
 
 
 @pytest.mark.slow
