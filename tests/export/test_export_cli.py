@@ -128,3 +128,12 @@ def test_verify_fails_below_threshold(w8a8_run, cifar_data, tmp_path):
     assert "FAIL" in result.output and "first diverging layer: aq_act1" in result.output
     report = json.loads((tmp_path / "verify.json").read_text())
     assert report["passed"] is False and report["first_diverging_layer"] == "aq_act1"
+
+
+def test_export_checks_the_file_on_real_images_when_given_data(w2a2_run, cifar_data, tmp_path):
+    out = tmp_path / "model.onnx"
+    result = _invoke("export", w2a2_run, "-o", out, "--data", cifar_data)
+    assert result.exit_code == 0, result.output
+    check = read_manifest(tmp_path / MANIFEST_NAME).self_check
+    assert check["probe"] == "images" and check["n"] == 16
+    assert check["top1_agreement_pct"] >= 75.0 and check["max_rel_logit_diff"] < 0.5
