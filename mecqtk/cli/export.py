@@ -31,21 +31,26 @@ def render_export(result: ExportResult, console: Console | None = None) -> None:
               help="ONNX opset [default: 21; 25 for packed 2-bit weights].")
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Output .onnx file [default: RUN_DIR/onnx-<format>/model.onnx].")
+@click.option("--data", default=None,
+              help="Images for the export's own onnxruntime check (16 of its validation set), "
+                   "e.g. imagefolder:PATH [default: random inputs at the model's size].")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON line.")
 def export_command(run_dir: Path, export_format: str, opset: int | None, out: Path | None,
-                   as_json: bool) -> None:
+                   data: str | None, as_json: bool) -> None:
     """Export the trained model of RUN_DIR to ONNX with integer weights and activations.
 
     Writes quant_manifest.json (bits, scale, zero point, axis of every quantized tensor)
-    beside the model.
+    beside the model. The file is run in onnxruntime against the model before it is written;
+    if they disagree beyond the stated tolerance nothing is written and the command exits
+    non-zero naming the first diverging tensor (`mecqtk verify` is the full real-data check).
 
     \b
     Example:
-      mecqtk export runs/r20_w2a2 --format packed
+      mecqtk export runs/r20_w2a2 --format packed --data imagefolder:data/cifar10-jpeg
     """
     from mecqtk.export.runfolder import export_run
 
-    result = export_run(run_dir, export_format, opset, out)  # type: ignore[arg-type]
+    result = export_run(run_dir, export_format, opset, out, data)  # type: ignore[arg-type]
     if as_json:
         click.echo(json.dumps({k: str(v) if isinstance(v, Path) else v
                                for k, v in asdict(result).items()}))

@@ -1,7 +1,15 @@
 """Integer ONNX export of fake-quantized models, and its verification against onnxruntime."""
 
-from mecqtk.export.api import ExportResult, check_model, default_opset, export_model, save_export
-from mecqtk.export.lower import EXPORT_FORMATS, ExportFormat
+from mecqtk.export.api import (
+    EXPORT_FORMATS,
+    ExportFormat,
+    ExportResult,
+    check_model,
+    default_opset,
+    export_model,
+    save_export,
+    self_check,
+)
 from mecqtk.export.manifest import Manifest, TensorEntry, read_manifest
 from mecqtk.export.runfolder import export_and_verify, export_run, verify_run
 from mecqtk.export.snap import bias_grids, snap_biases
@@ -24,6 +32,7 @@ __all__ = [
     "export_run",
     "read_manifest",
     "save_export",
+    "self_check",
     "snap_biases",
     "verify_run",
 ]

@@ -97,6 +97,8 @@ class Manifest:
     source: dict[str, Any] = field(default_factory=dict)
     model_file: str = ""
     model_sha256: str = ""
+    # the export's own onnxruntime check (probe kind, images, agreement, first diverging tensor)
+    self_check: dict[str, Any] = field(default_factory=dict)
     format: str = MANIFEST_FORMAT
 
     def activations(self) -> list[TensorEntry]:

@@ -67,7 +67,7 @@ def _check_ready(quantizer: FakeQuantizer, where: str) -> None:
 
 
 def _scale_and_zero_point(quantizer: FakeQuantizer, where: str) -> tuple[np.ndarray, np.ndarray]:
-    scale = quantizer.scale.detach().float().cpu().numpy().astype(np.float32)
+    scale = quantizer.step_size().detach().float().cpu().numpy().astype(np.float32)
     if not np.all(np.isfinite(scale)) or np.any(scale <= 0):
         raise ExportError(f"{where}: step size must be finite and positive, got {scale.min()}")
     zp_tensor = quantizer.zero_point()

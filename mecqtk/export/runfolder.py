@@ -11,8 +11,15 @@ from pathlib import Path
 import onnx
 
 from mecqtk.errors import ExportError
-from mecqtk.export.api import METADATA_RUN, ExportResult, export_model, save_export
-from mecqtk.export.lower import EXPORT_FORMATS, ExportFormat
+from mecqtk.export.api import (
+    EXPORT_FORMATS,
+    METADATA_RUN,
+    PROBE_IMAGES,
+    ExportFormat,
+    ExportResult,
+    export_model,
+    save_export,
+)
 from mecqtk.export.manifest import Manifest, manifest_path_for, read_manifest, sha256_of
 from mecqtk.export.session import load_onnx
 from mecqtk.export.verify import DEFAULT_THRESHOLD_PCT, VerifyReport, compare
@@ -33,8 +40,13 @@ def export_run(
     export_format: ExportFormat = "qcdq",
     opset: int | None = None,
     out: str | Path | None = None,
+    data: str | None = None,
 ) -> ExportResult:
     """Export the trained model of a run folder to ONNX, with its quant manifest beside it.
+
+    The file is checked in onnxruntime against the model's deploy form before it is written
+    (on 16 images of ``data`` when given, else on random inputs): a file that fails is never
+    written (:class:`ExportError` names the first diverging tensor).
 
     Example:
         >>> result = export_run("runs/r20_w2a2", "packed")
@@ -49,10 +61,23 @@ def export_run(
         "num_classes": info.num_classes, "class_names": info.class_names,
         "mean": info.mean, "std": info.std,
     }
+    probe = None
+    if data is not None:
+        from mecqtk.data import build_data
+
+        bundle = build_data(data, model=gm, batch_size=PROBE_IMAGES, limit_train=1,
+                            limit_val=PROBE_IMAGES, seed=0)
+        if tuple(bundle.input_size) != tuple(info.input_size):
+            raise ExportError(
+                f"--data yields {tuple(bundle.input_size)} images but the model takes "
+                f"{tuple(info.input_size)}"
+            )
+        probe = next(iter(bundle.val_loader))[0].float()
     model, manifest = export_model(
         gm, tuple(info.input_size), export_format, opset,
         metadata={METADATA_RUN: source["run_dir"], "mecqtk.model": info.model,
                   "mecqtk.recipe": recipe.name},
+        probe=probe,
     )
     manifest.input.update(mean=info.mean, std=info.std)
     path = Path(out) if out is not None else default_model_path(run_dir, export_format)
@@ -157,7 +182,7 @@ def export_and_verify(
     Example:
         >>> exported, report = export_and_verify("runs/r20_w2a2", "cifar10:~/data", n=2000)
     """
-    exported = export_run(run_dir, export_format)
+    exported = export_run(run_dir, export_format, data=data)
     report = verify_run(exported.model_path, data, n, threshold_pct=threshold_pct,
                         run_dir=run_dir, threads=threads, show_progress=show_progress)
     return exported, report

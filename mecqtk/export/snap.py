@@ -96,7 +96,7 @@ def bias_grids(gm: fx.GraphModule) -> list[BiasGrid]:
                 owner = modules[str(bn_node.target)]
                 bn = BatchNormFold.from_module(bn_node.name, owner)
         folded = fold_layer(codes, params.scale, params.zero_point, terms.bias, bn,
-                            float(quantizer.scale.item()), node.name,
+                            float(quantizer.step_size().item()), node.name,
                             shift=code_shift(params.grid.bits))
         if (folded.bias_codes is None or folded.bias_scale is None or folded.bias is None
                 or owner is None or getattr(owner, "bias", None) is None):

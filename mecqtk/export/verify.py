@@ -17,12 +17,12 @@ import onnx
 import onnxruntime as ort
 import torch
 import torch.fx as fx
+from torch import nn
 
 from mecqtk.errors import ExportError
 from mecqtk.export.manifest import Manifest, TensorEntry
 from mecqtk.export.session import make_session, with_code_outputs
 from mecqtk.export.snap import bias_grids
-from mecqtk.quant.quantizers import FakeQuantizer
 
 DEFAULT_THRESHOLD_PCT = 99.0
 # A bias further than this (in accumulator units) from its int32 grid was not snapped.
@@ -94,21 +94,32 @@ class VerifyReport:
         return data
 
 
-class _CodeRecorder(fx.Interpreter):
-    """Runs the GraphModule and keeps the integer codes each watched quantizer produces."""
+class _CodeRecorder:
+    """Runs the model and keeps the integer codes of the first call of each watched quantizer
+    (a FakeQuantizer of the trained model or a FrozenQuantizer of its deploy form)."""
 
-    def __init__(self, gm: fx.GraphModule, watched: set[str]) -> None:
-        super().__init__(gm)
+    def __init__(self, model: nn.Module, watched: set[str]) -> None:
+        self.model = model
         self.watched = watched
         self.codes: dict[str, np.ndarray] = {}
 
-    def run_node(self, n: fx.Node) -> Any:
-        if n.name in self.watched:
-            args, _ = self.fetch_args_kwargs_from_env(n)
-            quantizer = self.fetch_attr(str(n.target))
-            assert isinstance(quantizer, FakeQuantizer)
-            self.codes[n.name] = quantizer.codes(args[0]).cpu().numpy()
-        return super().run_node(n)
+    def run(self, images: torch.Tensor) -> torch.Tensor:
+        self.codes = {}
+        handles = []
+        for name, module in self.model.named_modules():
+            if name in self.watched:
+                handles.append(module.register_forward_hook(self._hook(name)))
+        try:
+            return self.model(images)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _hook(self, name: str) -> Callable[..., None]:
+        def record(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if name not in self.codes:
+                self.codes[name] = module.codes(args[0]).cpu().numpy()
+        return record
 
 
 @dataclass
@@ -140,7 +151,7 @@ class _Totals:
 
 @torch.no_grad()
 def compare(
-    gm: fx.GraphModule,
+    gm: nn.Module,
     model: onnx.ModelProto,
     manifest: Manifest,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -165,10 +176,10 @@ def compare(
         raise ExportError("compare() needs the PyTorch model on the CPU in eval mode")
     entries = manifest.activations()
     watched = {e.layer for e in entries}
-    missing = watched - {n.name for n in gm.graph.nodes}
+    missing = watched - {name for name, _ in gm.named_modules()}
     if missing:
         raise ExportError(
-            f"the ONNX file does not belong to this model (no node {sorted(missing)[0]}); "
+            f"the ONNX file does not belong to this model (no quantizer {sorted(missing)[0]}); "
             "export it again from the run folder"
         )
     deployed = make_session(model, threads)
@@ -213,7 +224,8 @@ def compare(
         layers=ordered,
         diagnostic_matches_deployed=matches,
         seconds=time.perf_counter() - started,
-        off_grid_bias_layers=sum(g.off_grid_units > OFF_GRID_UNITS for g in bias_grids(gm)),
+        off_grid_bias_layers=(sum(g.off_grid_units > OFF_GRID_UNITS for g in bias_grids(gm))
+                              if isinstance(gm, fx.GraphModule) else 0),
         environment={"onnxruntime": ort.__version__, "torch": torch.__version__,
                      "threads": threads},
     )

@@ -111,6 +111,7 @@ class FoldedLayer:
     bias_codes: np.ndarray | None  # int32 [C_out], when the input scale is known
     bias_scale: np.ndarray | None  # float32 [C_out] = input scale * dequantization scale
     constant_channels: tuple[int, ...]  # channels with a zero BatchNorm factor
+    float_bias_reason: str | None = None  # why an int32 bias was not possible, if it was not
 
     @property
     def dequant_scale(self) -> np.ndarray:
@@ -170,11 +171,13 @@ def fold_layer(
     bias_codes = np.rint(real_bias / bias_scale.astype(np.float64))
     worst = int(np.argmax(np.abs(bias_codes)))
     if abs(bias_codes[worst]) > INT32_LIMIT // 2:
-        raise ExportError(
-            f"{where}: channel {worst} has a bias of {real_bias[worst]:.4g} that needs "
-            f"{abs(bias_codes[worst]):.3g} steps of the int32 accumulator; its weight scale "
-            "(after BatchNorm folding) is too small for an integer bias"
-        )
+        # A near-zero BatchNorm factor (timm zero-initialises the last gamma of residual blocks)
+        # makes the accumulator unit tiny: the bias stays float for this layer, which computes
+        # the same values; onnxruntime then runs this one layer on float kernels.
+        return FoldedLayer(codes, scale32, zero_point, shift, real_bias, None, None, constant,
+                           float_bias_reason=(
+                               f"channel {worst}'s bias {real_bias[worst]:.4g} needs "
+                               f"{abs(bias_codes[worst]):.3g} int32 accumulator steps"))
     return FoldedLayer(
         codes, scale32, zero_point, shift, real_bias, bias_codes.astype(np.int32), bias_scale,
         constant,

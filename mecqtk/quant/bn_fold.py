@@ -84,7 +84,7 @@ class FoldedBNLayer(QuantizedLayer):
         """Mean and variance of the float layer's output, and the running-statistics update."""
         form = layer_form(self.layer)
         assert form is not None
-        out = form.apply(self.layer, x, super().effective_weight())
+        out = form.apply(self.layer, x, super().effective_weight(), self.layer.bias)
         dims = [d for d in range(out.dim()) if d != 1]
         mean = out.mean(dims)
         var = out.var(dims, unbiased=False)
@@ -108,7 +108,8 @@ class FoldedBNLayer(QuantizedLayer):
             scale = sigma / sigma_batch
         else:
             mean, sigma_batch, scale = self.bn.running_mean, sigma, None
-        y = form.apply(self.layer, x, self.weight_quantizer(self.effective_weight()))
+        y = form.apply(self.layer, x, self.weight_quantizer(self.effective_weight()),
+                       self.layer.bias)
         if bias is not None:
             y = y - _per_channel(bias, y)
         if scale is not None:

@@ -4,7 +4,7 @@ A weight-standardised conv (timm's StdConv2d, ScaledStdConv2d) convolves with a 
 of ``self.weight``; quantizing the raw weight would put the standardised one off the integer grid.
 Each :class:`LayerForm` splits a layer into the weight it really multiplies with
 (``effective_weight``) and the computation around it (``apply``: padding, the conv/linear itself),
-so ``apply(layer, x, effective_weight(layer))`` equals ``layer(x)``.
+so ``apply(layer, x, effective_weight(layer), layer.bias)`` equals ``layer(x)``.
 
 Classes not in the table that do not override ``forward`` use their base class's form. Other
 subclasses get no form: :class:`~mecqtk.quant.modules.QuantizedLayer` then intercepts the weight
@@ -28,7 +28,8 @@ Tensor = torch.Tensor
 @dataclass(frozen=True)
 class LayerForm:
     effective_weight: Callable[[nn.Module], Tensor]
-    apply: Callable[[nn.Module, Tensor, Tensor], Tensor]
+    # apply(layer, x, weight, bias): the layer's computation with the given weight and bias
+    apply: Callable[[nn.Module, Tensor, Tensor, Tensor | None], Tensor]
 
 
 def _raw_weight(layer: nn.Module) -> Tensor:
@@ -45,21 +46,22 @@ def _standardised(layer: nn.Module) -> Tensor:
                         eps=layer.eps).reshape_as(layer.weight)
 
 
-def _conv(layer: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
-    return layer._conv_forward(x, weight, layer.bias)
+def _conv(layer: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return layer._conv_forward(x, weight, bias)
 
 
-def _linear(layer: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
-    return F.linear(x, weight, layer.bias)
+def _linear(layer: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return F.linear(x, weight, bias)
 
 
-def _same_padded_conv(layer: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
+def _same_padded_conv(layer: nn.Module, x: Tensor, weight: Tensor,
+                      bias: Tensor | None) -> Tensor:
     """TF 'SAME' padding computed from the input size, then the conv (timm's conv2d_same)."""
     from timm.layers.padding import pad_same
 
     if getattr(layer, "same_pad", True):
         x = pad_same(x, layer.kernel_size, layer.stride, layer.dilation)
-    return F.conv2d(x, weight, layer.bias, layer.stride, layer.padding, layer.dilation,
+    return F.conv2d(x, weight, bias, layer.stride, layer.padding, layer.dilation,
                     layer.groups)
 
 

@@ -58,6 +58,6 @@ class QuantizedLayer(nn.Module):
         form = layer_form(self.layer)
         if form is not None:
             weight = self.weight_quantizer(form.effective_weight(self.layer))
-            return form.apply(self.layer, x, weight)
+            return form.apply(self.layer, x, weight, self.layer.bias)
         with WeightInterceptor(self.weight_quantizer):
             return self.layer(x)

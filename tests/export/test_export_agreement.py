@@ -77,7 +77,7 @@ def test_verify_names_the_first_layer_after_a_corrupted_weight(plain_net):
     model, manifest = export_model(gm, INPUT_SHAPE, "qcdq")
     corrupted = onnx.ModelProto()
     corrupted.CopyFrom(model)
-    weight = next(t for t in corrupted.graph.initializer if t.name == "conv2_weight_codes")
+    weight = next(t for t in corrupted.graph.initializer if t.name == "conv2.weight_codes")
     codes = onnx.numpy_helper.to_array(weight).copy()
     codes[:, :, 1, 1] = -codes[:, :, 1, 1]
     weight.CopyFrom(onnx.numpy_helper.from_array(codes, weight.name))

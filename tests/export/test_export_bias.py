@@ -11,6 +11,7 @@ from export_nets import INPUT_SHAPE, images, quantized
 from onnx import numpy_helper
 
 from mecqtk.export import export_model
+from mecqtk.export.onnx_export import owner_module
 from mecqtk.export.session import make_session
 from mecqtk.export.weights import BatchNormFold, code_shift, fold_layer
 
@@ -33,15 +34,15 @@ def test_bias_is_int32_at_input_scale_times_weight_scale(residual_net, bits):
     inits = _initializers(model)
     layer = gm.get_submodule("conv3")
     bn = gm.get_submodule("bn3")
-    s_x = np.float32(gm.get_submodule(_input_quantizer(gm, "conv3")).scale.item())
-    s_w = layer.weight_quantizer.scale.detach().double().numpy()
+    s_x = np.float32(gm.get_submodule(_input_quantizer(gm, "conv3")).step_size().item())
+    s_w = layer.weight_quantizer.step_size().detach().double().numpy()
     shift = code_shift(bits)
     g = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().double().numpy()
     real_bias = ((layer.layer.bias - bn.running_mean).detach().double().numpy() * g
                  + bn.bias.detach().double().numpy())
 
-    codes, bias_scale = inits["conv3_bias_codes"], inits["conv3_bias_scale"]
-    weight_scale = inits["conv3_weight_scale"]
+    codes, bias_scale = inits["conv3.bias_codes"], inits["conv3.bias_scale"]
+    weight_scale = inits["conv3.weight_scale"]
     assert codes.dtype == np.int32
     # the zero-gamma channel keeps its unfolded scale; the others carry gamma / sqrt(var + eps)
     expected_weight_scale = np.where(g == 0, s_w, s_w * g) / 2.0**shift
@@ -49,32 +50,33 @@ def test_bias_is_int32_at_input_scale_times_weight_scale(residual_net, bits):
     assert (weight_scale < 0).sum() == (g < 0).sum() > 0
     np.testing.assert_array_equal(bias_scale, (s_x * weight_scale).astype(np.float32))
     np.testing.assert_array_equal(codes, np.rint(real_bias / bias_scale.astype(np.float64)))
-    assert np.all(inits["conv3_weight_codes"][0] == 0)  # zero gamma: the channel is constant
+    assert np.all(inits["conv3.weight_codes"][0] == 0)  # zero gamma: the channel is constant
 
 
 def test_layer_output_is_the_integer_accumulator_times_its_scale(residual_net):
     """Run the exported graph up to conv3 and redo that conv in exact integer arithmetic."""
     gm = quantized(residual_net, 2, 2)
-    model, _ = export_model(gm, INPUT_SHAPE, "qcdq")
+    model, manifest = export_model(gm, INPUT_SHAPE, "qcdq")
     source = _input_quantizer(gm, "conv3")
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
-    for name, elem in (("conv3", onnx.TensorProto.FLOAT), (f"{source}_codes",
-                                                           onnx.TensorProto.UINT8)):
+    conv3 = next(n.output[0] for n in model.graph.node
+                 if n.op_type == "Conv" and owner_module(n, {"conv3"}) == "conv3")
+    relu_codes = next(e.onnx["codes"] for e in manifest.activations() if e.layer == source)
+    for name, elem in ((conv3, onnx.TensorProto.FLOAT), (relu_codes, onnx.TensorProto.UINT8)):
         probe.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
     x = images(8, seed=3).numpy()
-    conv_out, input_codes = make_session(probe, threads=1).run(
-        ["conv3", f"{source}_codes"], {"input": x}
-    )
+    conv_out, input_codes = make_session(probe, threads=1).run([conv3, relu_codes], {"input": x})
     inits = _initializers(model)
-    weight = inits["conv3_weight_codes"].astype(np.int64)
-    bias = inits["conv3_bias_codes"].astype(np.int64)
-    centred = input_codes.astype(np.int64) - int(inits[f"{source}_zero_point"])
+    weight = inits["conv3.weight_codes"].astype(np.int64)
+    bias = inits["conv3.bias_codes"].astype(np.int64)
+    relu = next(e for e in manifest.activations() if e.layer == source)
+    centred = input_codes.astype(np.int64) - (int(relu.zero_point) + relu.storage_offset)
     accumulator = F.conv2d(torch.from_numpy(centred).double(), torch.from_numpy(weight).double(),
                            stride=2, padding=1).numpy()  # integers below 2**53: exact in float64
     assert np.array_equal(accumulator, np.round(accumulator))
     per_channel = (slice(None), None, None)
-    expected = (accumulator + bias[per_channel]) * inits["conv3_bias_scale"][per_channel]
+    expected = (accumulator + bias[per_channel]) * inits["conv3.bias_scale"][per_channel]
     np.testing.assert_allclose(conv_out, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -82,21 +84,25 @@ def test_two_bit_codes_are_shifted_to_make_the_bias_finer(residual_net):
     gm = quantized(residual_net, 2, 2)
     model, manifest = export_model(gm, INPUT_SHAPE, "qcdq")
     inits = _initializers(model)
-    codes = inits["conv2_weight_codes"]
+    codes = inits["conv2.weight_codes"]
     assert codes.dtype == np.int8
     assert np.all(codes % 64 == 0) and set(np.unique(codes // 64)) <= {-2, -1, 0, 1}
-    entry = next(e for e in manifest.tensors if e.name == "conv2_weight")
+    entry = next(e for e in manifest.tensors if e.role == "weight" and e.layer == "conv2")
     assert entry.code_shift == 6 and entry.bits == 2
-    np.testing.assert_array_equal(inits["conv2_weight_scale"] * 64, np.float32(entry.scale))
+    np.testing.assert_array_equal(inits["conv2.weight_scale"] * 64, np.float32(entry.scale))
 
 
-def test_fold_refuses_a_bias_that_overflows_int32():
-    from mecqtk.errors import ExportError
-
+def test_fold_keeps_a_float_bias_when_int32_would_overflow():
+    """A near-zero BatchNorm gamma makes the accumulator unit tiny: the bias stays float (the
+    same values) instead of overflowing int32 or refusing the export."""
     codes = np.ones((2, 1, 1, 1), np.int64)
     bn = BatchNormFold("bn", factor=np.array([1e-12, 1.0]), mean=np.zeros(2), beta=np.ones(2))
-    with pytest.raises(ExportError, match="channel 0"):
-        fold_layer(codes, np.ones(2, np.float32), np.zeros(2, np.int64), None, bn, 1.0, "conv")
+    folded = fold_layer(codes, np.ones(2, np.float32), np.zeros(2, np.int64), None, bn, 1.0,
+                        "conv")
+    assert folded.bias_codes is None and folded.float_bias_reason is not None
+    assert "channel 0" in folded.float_bias_reason
+    np.testing.assert_array_equal(folded.bias, [1.0, 1.0])
+    np.testing.assert_allclose(folded.scale, np.float32([1e-12, 1.0]))
 
 
 def test_fold_never_divides_by_a_zero_gamma():

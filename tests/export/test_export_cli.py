@@ -49,8 +49,16 @@ def test_packed_two_bit_file_is_much_smaller(w2a2_run, tmp_path):
         line = json.loads(result.output.strip().splitlines()[-1])
         assert line["model_path"] == str(out) and line["export_format"] == export_format
         sizes[export_format] = out.stat().st_size
-    # 2-bit weights in INT2 take a quarter of their int8 bytes; first/last layers stay 8-bit
-    assert sizes["packed"] < 0.4 * sizes["qcdq"]
+    # 2-bit weights in INT2 take a quarter of their int8 bytes (first/last layers stay 8-bit):
+    # the packed file is smaller by three quarters of the qcdq file's 2-bit weight bytes
+    qcdq = onnx.load(str(tmp_path / "qcdq.onnx"))
+    manifest = read_manifest(tmp_path / MANIFEST_NAME)  # the packed file's, written last
+    two_bit = {e.layer for e in manifest.tensors if e.role == "weight" and e.bits == 2}
+    int8_bytes = sum(len(t.raw_data) for t in qcdq.graph.initializer
+                     if t.name.removesuffix(".weight_codes") in two_bit)
+    assert int8_bytes > 0.8 * sizes["qcdq"] / 2
+    assert sizes["qcdq"] - sizes["packed"] >= 0.7 * int8_bytes  # less the Cast/Mul nodes
+    assert sizes["packed"] < 0.45 * sizes["qcdq"]
 
 
 def test_export_run_without_checkpoint_is_a_clear_error(w8a8_run, tmp_path):
@@ -104,7 +112,7 @@ def test_verify_fails_below_threshold(w8a8_run, cifar_data, tmp_path):
     """A corrupted export (one layer's weight codes negated) must fail verification."""
     assert _invoke("export", w8a8_run, "-o", tmp_path / "model.onnx").exit_code == 0
     model = onnx.load(str(tmp_path / "model.onnx"))
-    weight = next(t for t in model.graph.initializer if t.name == "conv1_weight_codes")
+    weight = next(t for t in model.graph.initializer if t.name == "conv1.weight_codes")
     codes = -onnx.numpy_helper.to_array(weight).astype("int16")
     weight.CopyFrom(onnx.numpy_helper.from_array(codes.clip(-128, 127).astype("int8"),
                                                  weight.name))
@@ -120,3 +128,12 @@ def test_verify_fails_below_threshold(w8a8_run, cifar_data, tmp_path):
     assert "FAIL" in result.output and "first diverging layer: aq_act1" in result.output
     report = json.loads((tmp_path / "verify.json").read_text())
     assert report["passed"] is False and report["first_diverging_layer"] == "aq_act1"
+
+
+def test_export_checks_the_file_on_real_images_when_given_data(w2a2_run, cifar_data, tmp_path):
+    out = tmp_path / "model.onnx"
+    result = _invoke("export", w2a2_run, "-o", out, "--data", cifar_data)
+    assert result.exit_code == 0, result.output
+    check = read_manifest(tmp_path / MANIFEST_NAME).self_check
+    assert check["probe"] == "images" and check["n"] == 16
+    assert check["top1_agreement_pct"] >= 75.0 and check["max_rel_logit_diff"] < 0.5

@@ -15,6 +15,7 @@ from onnx import TensorProto, numpy_helper
 
 from mecqtk.errors import ExportError
 from mecqtk.export import check_model, export_model
+from mecqtk.export.onnx_export import owner_module
 from mecqtk.export.session import make_session
 from mecqtk.quant.modules import QuantizedLayer
 from mecqtk.quant.quantizers import FakeQuantizer
@@ -51,8 +52,13 @@ def _convs_feeding_a_quantizer(gm) -> set[str]:
 
 
 def _weight_types(model: onnx.ModelProto) -> dict[str, int]:
-    return {t.name: t.data_type for t in model.graph.initializer
-            if t.name.endswith("_weight_codes")}
+    """Storage type of each layer's weight codes, by layer name (packed ones included)."""
+    return {t.name.split(".weight_codes")[0]: t.data_type for t in model.graph.initializer
+            if ".weight_codes" in t.name and "shift_factor" not in t.name}
+
+
+def _owned(model: onnx.ModelProto, module: str) -> list[onnx.NodeProto]:
+    return [n for n in model.graph.node if owner_module(n, {module}) == module]
 
 
 def test_qcdq_holds_int8_weights_and_clips_low_bit_activations(residual_net, tmp_path):
@@ -66,9 +72,11 @@ def test_qcdq_holds_int8_weights_and_clips_low_bit_activations(residual_net, tmp
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     for clip in clips:
         assert (inits[clip.input[1]], inits[clip.input[2]]) == (0, 3)  # unsigned 2-bit grid
-    # node names are the FX node names: a reported layer can be found in the graph
-    names = {n.name for n in model.graph.node}
-    assert {"conv1", "conv2", "conv3", "branch", "fc", "aq_relu", "aq_relu_1"} <= names
+    # every node records the module that made it: a reported layer can be found in the graph
+    for module in ("conv1", "conv2", "conv3", "branch", "fc", "aq_relu", "aq_relu_1"):
+        assert _owned(model, module), module
+    quantizers = {e.layer for e in manifest.activations()}
+    assert all(owner_module(clip, quantizers) for clip in clips)
     assert _fused_ops(model, tmp_path)["Clip"] == 3
 
 
@@ -93,11 +101,13 @@ def test_packed_stores_int2_and_computes_exactly_what_qcdq_does(residual_net):
     packed, manifest = export_model(gm, INPUT_SHAPE, "packed")
     assert packed.opset_import[0].version == 25
     types = _weight_types(packed)
-    assert types["conv2_weight_codes"] == TensorProto.INT2
-    assert types["conv1_weight_codes"] == TensorProto.INT8  # first layer: 8 bits
-    assert next(e for e in manifest.tensors if e.name == "conv2_weight").storage == "int2"
+    assert types["conv2"] == TensorProto.INT2
+    assert types["conv1"] == TensorProto.INT8  # first layer: 8 bits
+    entry = next(e for e in manifest.tensors if e.role == "weight" and e.layer == "conv2")
+    assert entry.storage == "int2"
     weight_bytes = {
-        fmt: sum(len(t.raw_data) for t in m.graph.initializer if t.name == "conv2_weight_codes")
+        fmt: sum(len(t.raw_data) for t in m.graph.initializer
+                 if t.name.startswith("conv2.weight_codes") and "shift" not in t.name)
         for fmt, m in (("qcdq", qcdq), ("packed", packed))
     }
     assert weight_bytes["packed"] * 4 == weight_bytes["qcdq"]
@@ -111,18 +121,20 @@ def test_packed_four_bit_needs_only_opset_21(plain_net):
     gm = quantized(plain_net, 4, 4)
     packed, _ = export_model(gm, INPUT_SHAPE, "packed")
     assert packed.opset_import[0].version == 21
-    assert _weight_types(packed)["conv2_weight_codes"] == TensorProto.INT4
+    assert _weight_types(packed)["conv2"] == TensorProto.INT4
 
 
 @pytest.mark.parametrize("export_format", ["qcdq", "packed"])
 def test_graph_passes_full_checker_and_strict_shape_inference(residual_net, export_format):
     gm = quantized(residual_net, 4, 4)
-    model, _ = export_model(gm, INPUT_SHAPE, export_format)
+    model, manifest = export_model(gm, INPUT_SHAPE, export_format)
     onnx.checker.check_model(model, full_check=True)
     inferred = check_model(model)
     shaped = {v.name: v for v in inferred.graph.value_info}
-    assert [d.dim_value for d in shaped["conv3"].type.tensor_type.shape.dim[1:]] == [16, 8, 8]
-    assert shaped["aq_relu_codes"].type.tensor_type.elem_type == TensorProto.UINT8
+    conv3 = next(n.output[0] for n in _owned(model, "conv3") if n.op_type == "Conv")
+    assert [d.dim_value for d in shaped[conv3].type.tensor_type.shape.dim[1:]] == [16, 8, 8]
+    relu_codes = next(e.onnx["codes"] for e in manifest.activations() if e.layer == "aq_relu")
+    assert shaped[relu_codes].type.tensor_type.elem_type == TensorProto.UINT8
     output_dims = model.graph.output[0].type.tensor_type.shape.dim
     assert (output_dims[0].dim_param, output_dims[1].dim_value) == ("N", 10)
 
@@ -133,7 +145,8 @@ def test_signed_activations_are_stored_as_uint8_with_zero_point_128(plain_net):
     entry = next(e for e in manifest.activations() if e.layer == "aq_x")
     assert entry.signed and (entry.qmin, entry.qmax) == (-128, 127)
     assert (entry.storage, entry.storage_offset) == ("uint8", 128)
-    zero_point = next(t for t in model.graph.initializer if t.name == "aq_x_zero_point")
+    quantize = next(n for n in model.graph.node if n.name == entry.onnx["quantize"])
+    zero_point = next(t for t in model.graph.initializer if t.name == quantize.input[2])
     assert zero_point.data_type == TensorProto.UINT8
     assert numpy_helper.to_array(zero_point) == 128
 

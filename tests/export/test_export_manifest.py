@@ -51,10 +51,10 @@ def test_entries_match_the_trained_quantizers(residual_net):
         quantizer = gm.get_submodule(entry.layer)
         assert (entry.bits, entry.signed) == (quantizer.bits, quantizer.signed)
         assert (entry.qmin, entry.qmax) == (quantizer.qmin, quantizer.qmax)
-        assert entry.scale == float(quantizer.scale.item())
+        assert entry.scale == float(quantizer.step_size().item())
         assert entry.storage_offset == (SIGNED_ACTIVATION_OFFSET if quantizer.signed else 0)
-    conv2 = next(e for e in manifest.tensors if e.name == "conv2_weight")
-    trained = gm.get_submodule("conv2").weight_quantizer.scale.detach().double().numpy()
+    conv2 = next(e for e in manifest.tensors if e.role == "weight" and e.layer == "conv2")
+    trained = gm.get_submodule("conv2").weight_quantizer.step_size().detach().double().numpy()
     np.testing.assert_array_equal(conv2.notes["trained_scale"], trained.astype(np.float32))
     assert conv2.notes["folded_batchnorm"] == "bn2" and conv2.notes["constant_channels"] == [0]
     assert conv2.axis == 0 and conv2.bits == 4 and conv2.code_shift == 4

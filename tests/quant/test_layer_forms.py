@@ -58,7 +58,7 @@ def test_bypass_equals_the_layer_and_quantized_weight_is_on_the_grid(make):
     assert codes.round().min() >= -4 and codes.round().max() <= 3
     # the layer's output uses exactly that weight
     assert layer_form(layer) is not None
-    expected = layer_form(layer).apply(layer, x, weight)
+    expected = layer_form(layer).apply(layer, x, weight, layer.bias)
     torch.testing.assert_close(wrapped(x), expected)
 
 

@@ -1,0 +1,89 @@
+"""The convert stage: the deploy form computes what the fake-quant model computes, and every
+quantizer is one call of mecqtk's registered operator."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from export_nets import INPUT_SHAPE, images, quantized
+
+import mecqtk
+from mecqtk.convert import DeployLayer, FrozenQuantizer, convert
+from mecqtk.export import snap_biases
+from mecqtk.graph.zoo import small_model
+from mecqtk.quant.arith import fake_quantize
+from mecqtk.quant.quantizers import FakeQuantizer
+
+
+def test_custom_op_is_fake_quantize_bit_for_bit():
+    x = torch.randn(4, 6, 5, 5) * 3
+    scale = torch.rand(6) * 0.2 + 0.01
+    zero = torch.tensor(128, dtype=torch.uint8)
+    per_channel = torch.ops.mecqtk.quantize_dequantize(x, scale, torch.full((6,), 7).to(
+        torch.uint8), 7 - 8, 7 + 7, 1)
+    expected = fake_quantize(x, scale.reshape(1, -1, 1, 1), -8, 7)
+    assert torch.equal(per_channel, expected)
+    # a signed grid shifted by 128 into uint8 gives the same values
+    per_tensor = torch.ops.mecqtk.quantize_dequantize(x, scale[:1], zero, 128 - 2, 128 + 1, 0)
+    assert torch.equal(per_tensor, fake_quantize(x, scale[0], -2, 1))
+
+
+@torch.no_grad()
+def _deploy_matches(gm: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    deploy, report = convert(gm)
+    assert report.layers > 0 and report.quantizers > 0
+    assert not any(isinstance(m, FakeQuantizer) for m in deploy.modules())
+    return gm(x), deploy(x)
+
+
+def test_deploy_form_equals_fake_quant_bit_for_bit_without_batchnorm(plain_net):
+    gm = quantized(plain_net, 2, 2)
+    x = images(8)
+    fake, deployed = _deploy_matches(gm, x)
+    assert torch.equal(fake, deployed)
+
+
+def test_deploy_form_folds_batchnorm_into_integer_weights(residual_net):
+    gm = quantized(residual_net, 4, 4)
+    snap_biases(gm)
+    deploy, report = convert(gm)
+    assert report.folded_batchnorms == 3
+    layers = [m for m in deploy.modules() if isinstance(m, DeployLayer)]
+    assert layers and all(m.weight_codes.dtype == torch.int8 for m in layers)
+    assert all(m.bias_codes is None or m.bias_codes.dtype == torch.int32 for m in layers)
+    x = images(16)
+    with torch.no_grad():
+        fake, deployed = gm(x), deploy(x)
+    # folding changes float rounding only: logits within 1e-5 of their range
+    assert (fake - deployed).abs().max() <= 1e-5 * (fake.max() - fake.min())
+
+
+ZOO_SUBSET = ["resnet18", "convnext_atto", "vit_tiny_patch16_224", "mobilenetv2_100"]
+
+
+@pytest.mark.parametrize("name", ZOO_SUBSET)
+def test_deploy_form_of_zoo_models(name, one_torch_thread):
+    torch.manual_seed(0)
+    model, shape = small_model(name)
+    gm = mecqtk.prepare(model, mecqtk.load_recipe("w4a4_lsq.yaml"))
+    x = torch.randn(8, *shape, generator=torch.Generator().manual_seed(0))
+    mecqtk.calibrate(gm, [x])
+    snap_biases(gm.eval())
+    fake, deployed = _deploy_matches(gm, x)
+    assert torch.equal(fake.argmax(1), deployed.argmax(1))
+    assert (fake - deployed).abs().max() <= 1e-4 * (fake.max() - fake.min())
+    deploy, _ = convert(gm)
+    frozen = [m for m in deploy.modules() if isinstance(m, FrozenQuantizer)]
+    assert len(frozen) >= sum(isinstance(m, FakeQuantizer) for m in gm.modules()) - sum(
+        isinstance(m, DeployLayer) for m in deploy.modules())
+
+
+def test_convert_leaves_the_trained_model_alone(residual_net):
+    gm = quantized(residual_net, 4, 4)
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    convert(gm)
+    after = gm.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert any(isinstance(m, FakeQuantizer) for m in gm.modules())
+    _ = INPUT_SHAPE
