@@ -39,7 +39,7 @@ from mecqtk.export.weights import (
     foldable_batchnorm,
     layer_terms,
 )
-from mecqtk.graph.ops import preserves_grid
+from mecqtk.graph.ops import preserves_grid, selects_values
 from mecqtk.quant.layer_forms import WeightInterceptor, layer_form
 from mecqtk.quant.modules import QuantizedLayer
 from mecqtk.quant.quantizers import FakeQuantizer
@@ -209,17 +209,28 @@ def _batchnorm_tail(bn: nn.Module) -> nn.Module | None:
 
 
 def _regrid_max_pools(graph_module: fx.GraphModule, prefix: str) -> int:
-    """After a max pool of quantized values, quantize again on the input's grid.
+    """After a max pool, slice or zero pad of quantized values, quantize again on the input's
+    grid.
 
-    The values are already on that grid, so this changes nothing (bit for bit), but it gives
-    onnxruntime the DequantizeLinear -> MaxPool -> QuantizeLinear group it runs on uint8 codes.
+    The values are already on that grid (zero is on every grid), so this changes nothing (bit
+    for bit), but it gives onnxruntime the DequantizeLinear -> MaxPool -> QuantizeLinear group it
+    runs on uint8 codes, and a quantized operand for the QLinearAdd of a strided-slice-plus-pad
+    shortcut.
     """
     modules = dict(graph_module.named_modules())
+
+    def picks_values(node: fx.Node) -> bool:
+        # a max pool, or a slice / zero pad of a quantized value (option-A ResNet shortcuts)
+        return preserves_grid(node, modules) or (
+            node.op == "call_function" and selects_values(node, modules))
+
     added = 0
     for node in list(graph_module.graph.nodes):
-        if not preserves_grid(node, modules):
-            continue
+        if not picks_values(node) or all(picks_values(user) for user in node.users):
+            continue  # regrid once, at the end of a chain of value-picking ops
         source = node.args[0] if node.args else None
+        while isinstance(source, fx.Node) and picks_values(source):
+            source = source.args[0] if source.args else None
         if not isinstance(source, fx.Node) or source.op != "call_module":
             continue
         quantizer = modules.get(str(source.target))
