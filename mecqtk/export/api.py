@@ -176,6 +176,7 @@ def export_model(
     from mecqtk.export.onnx_export import (
         activation_entries,
         compact_metadata,
+        float_adds_of_codes,
         global_average_pools,
         pack_weights,
         quantizer_twins,
@@ -195,6 +196,7 @@ def export_model(
     twins = quantizer_twins(deploy, probe_inputs[:2])
     tensors = activation_entries(model, deploy, fx_names, twins) + weight_entries(model, deploy)
     global_average_pools(model)
+    float_adds_of_codes(model)
     compact_metadata(model)
     if export_format == "packed":
         pack_weights(model, tensors)

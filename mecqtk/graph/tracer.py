@@ -12,7 +12,10 @@ Leaves (modules called as one opaque node) are, in order of precedence:
   fused path, which :mod:`mecqtk.graph.attention` turns off);
 - torch.nn's own modules (fx's default).
 
-timm's not-traceable functions are kept as single call nodes.
+timm's not-traceable functions are kept as single call nodes. A functional dropout whose
+``training`` argument was read from ``self.training`` becomes a Dropout module, for the same reason
+(timm's ghostnet/efficientnet heads call ``F.dropout(x, p, training=self.training)``: traced as
+is, the graph would keep dropping in eval, in the deploy form and in the exported file).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import inspect
 from collections.abc import Iterable
 
 import torch.fx as fx
+import torch.nn.functional as F
 from timm.layers import _fx as timm_fx
 from torch import nn
 
@@ -30,6 +34,11 @@ from mecqtk.graph.meta import graph_info
 from mecqtk.quant.modules import QuantizedLayer, is_quantizable_layer
 
 MAX_AUTO_LEAVES = 32
+# functional dropouts and the module that applies the same dropout only in training mode
+_DROPOUT_MODULES: dict[object, type[nn.Module]] = {
+    F.dropout: nn.Dropout, F.dropout1d: nn.Dropout1d, F.dropout2d: nn.Dropout2d,
+    F.dropout3d: nn.Dropout3d, F.alpha_dropout: nn.AlphaDropout,
+}
 
 
 @functools.cache
@@ -148,7 +157,40 @@ def trace(
             added.append(cls)
             continue
         gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+        dropouts_follow_mode(gm, traced_training=model.training)
         graph_info(gm).auto_leaves = tuple(added)
         return gm
     raise GraphError(f"cannot trace {type(model).__name__}: more than {MAX_AUTO_LEAVES} module "
                      f"classes fail to trace ({', '.join(added)})")
+
+
+def dropouts_follow_mode(gm: fx.GraphModule, traced_training: bool) -> int:
+    """Replace each functional dropout whose ``training`` argument was traced as the model's mode
+    with the equivalent Dropout module (same node name), so it follows ``train()``/``eval()``.
+
+    A dropout traced with the opposite constant (``training=False`` in a model traced in training
+    mode) was written that way on purpose and is left alone. Returns how many were replaced.
+    """
+    replaced = 0
+    for node in list(gm.graph.nodes):
+        module_class = _DROPOUT_MODULES.get(node.target) if node.op == "call_function" else None
+        if module_class is None:
+            continue
+        bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+        bound.apply_defaults()
+        p, training = bound.arguments["p"], bound.arguments["training"]
+        if isinstance(p, fx.Node) or isinstance(training, fx.Node):
+            continue
+        if training != traced_training and traced_training:
+            continue
+        name = node.name
+        while hasattr(gm, name):
+            name = f"{name}_mode"
+        gm.add_submodule(name, module_class(float(p)))
+        # changed in place, so the node keeps its name (and quantizers named after it theirs)
+        node.op, node.target = "call_module", name
+        node.args, node.kwargs = (bound.arguments["input"],), {}
+        replaced += 1
+    if replaced:
+        gm.recompile()
+    return replaced
