@@ -43,14 +43,18 @@ def test_resnet18_runs_on_integer_kernels_only(bits, tmp_path, one_torch_thread)
     snap_biases(gm.eval())  # as `mecqtk quantize` leaves a model: int32-exact biases
     exported, _ = export_model(gm, SHAPE, "qcdq")
     ops = _optimised_ops(exported, tmp_path)
-    assert ops["QLinearConv"] == 20 and ops["QLinearAdd"] == 8, ops
-    # no float conv, add, ReLU or max pool survives; the pool runs on the uint8 codes
+    assert ops["QLinearConv"] == 20 and ops["QGemm"] == 1, ops
+    # the residual adds run in float (Sum), exactly as the model adds: onnxruntime's QLinearAdd
+    # requantizes in fixed point (see onnx_export.float_adds_of_codes); the ReLU after each add
+    # folds into its QuantizeLinear. No float conv, ReLU or max pool survives.
+    assert ops["Sum"] == 8 and "QLinearAdd" not in ops, ops
     assert not {"Conv", "Add", "Relu", "MaxPool"} & set(ops), ops
-    assert ops["NhwcMaxPool"] == 1 and ops["QGemm"] == 1, ops
-    # the only float round trips left: the image's quantize, and at 4 bits the requantization
-    # of the 8-bit residual stream for the 4-bit convs of the blocks with a shortcut add
-    assert ops["QuantizeLinear"] == 1 + (0 if bits == 8 else 5), ops
-    assert ops["DequantizeLinear"] == (0 if bits == 8 else 5), ops
+    assert ops["NhwcMaxPool"] == 1, ops
+    # the float round trips: the image's quantize, each add's two dequantizes and quantize, and
+    # at 4 bits the requantization of the 8-bit residual stream for the 4-bit convs of the
+    # blocks with a shortcut add
+    assert ops["QuantizeLinear"] == 1 + 8 + (0 if bits == 8 else 5), ops
+    assert ops["DequantizeLinear"] == 16 + (0 if bits == 8 else 5), ops
 
     session = ort.InferenceSession(exported.SerializeToString(),
                                    providers=["CPUExecutionProvider"])
@@ -75,15 +79,15 @@ def test_cifar_resnet20_shortcuts_keep_the_integer_path(bits, tmp_path, one_torc
     snap_biases(gm.eval())
     exported, _ = export_model(gm, SHAPE, "qcdq")
     ops = _optimised_ops(exported, tmp_path)
-    assert ops["QLinearConv"] == 19 and ops["QLinearAdd"] == 9 and ops["QGemm"] == 1, ops
-    assert not {"Conv", "Add", "Relu"} & set(ops), ops
+    assert ops["QLinearConv"] == 19 and ops["Sum"] == 9 and ops["QGemm"] == 1, ops
+    assert not {"Conv", "Add", "Relu", "QLinearAdd"} & set(ops), ops
     assert ops["Pad"] == 2 and ops["Slice"] >= 2, ops
     # float round trips: the image's quantize; the two option-A shortcuts (onnxruntime runs
     # Slice and Pad between a DequantizeLinear and the convert stage's exact requantization);
-    # and at 4 bits the requantization of each of the 9 blocks' 8-bit output for the next
-    # block's 4-bit conv
-    assert ops["QuantizeLinear"] == 1 + 2 + (0 if bits == 8 else 9), ops
-    assert ops["DequantizeLinear"] == 2 + (0 if bits == 8 else 9), ops
+    # each of the 9 adds (two dequantizes, a float Sum, a quantize); and at 4 bits the
+    # requantization of each of the 9 blocks' 8-bit output for the next block's 4-bit conv
+    assert ops["QuantizeLinear"] == 1 + 2 + 9 + (0 if bits == 8 else 9), ops
+    assert ops["DequantizeLinear"] == 2 + 18 + (0 if bits == 8 else 9), ops
 
     session = ort.InferenceSession(exported.SerializeToString(),
                                    providers=["CPUExecutionProvider"])

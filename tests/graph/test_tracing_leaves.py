@@ -167,3 +167,41 @@ def test_optional_forward_arguments_are_traced_at_their_defaults():
     assert torch.isfinite(qmodel(torch.randn(2, 4))).all()
     with pytest.raises(AssertionError, match="mask has been specialized"):
         qmodel(torch.randn(2, 4), torch.ones(2, 4))
+
+
+class HeadWithFunctionalDropout(nn.Module):
+    """timm's ghostnet/efficientnet head: ``F.dropout(x, p, training=self.training)``."""
+
+    def __init__(self, explicit_off: bool = False) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+        self.explicit_off = explicit_off
+
+    def forward(self, x):
+        x = torch.nn.functional.dropout(x, p=0.5, training=self.training)
+        if self.explicit_off:  # written never to drop
+            x = torch.nn.functional.dropout(x, p=0.5, training=False)
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("traced_in", ["train", "eval"])
+def test_functional_dropout_follows_train_and_eval(traced_in):
+    model = HeadWithFunctionalDropout()
+    model.train(traced_in == "train")
+    gm = trace(model)
+    dropouts = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "dropout"]
+    assert len(dropouts) == 1 and isinstance(gm.dropout, nn.Dropout) and gm.dropout.p == 0.5
+    x = torch.randn(64, 16)
+    gm.eval()
+    model.eval()
+    assert torch.equal(gm(x), model(x))  # traced in training mode it used to keep dropping
+    gm.train()
+    assert not torch.equal(gm(x), gm(x))
+
+
+def test_dropout_written_off_stays_off():
+    model = HeadWithFunctionalDropout(explicit_off=True).train()
+    gm = trace(model)
+    kept = [n for n in gm.graph.nodes if n.op == "call_function"
+            and n.target is torch.nn.functional.dropout]
+    assert len(kept) == 1 and kept[0].kwargs["training"] is False
