@@ -34,6 +34,7 @@ def render_verify(report: VerifyReport, all_layers: bool = False,
         f"(onnx top-1 {report.onnx_top1_pct:.2f} %, torch top-1 {report.torch_top1_pct:.2f} %)\n"
         f"|Δlogit| max {report.max_abs_logit_diff:.4g}  mean {report.mean_abs_logit_diff:.3g}  "
         f"max relative to the logit range {report.max_rel_logit_diff:.3g}\n"
+        f"{_reproducibility(report)}"
         f"{'PASS' if report.passed else 'FAIL'} (threshold {report.threshold_pct:g} %)  "
         f"{report.seconds:.0f} s"
     )
@@ -43,6 +44,14 @@ def render_verify(report: VerifyReport, all_layers: bool = False,
             "the int32 grid the export rounds them to; mecqtk.export.snap_biases(model) before "
             "the final evaluation makes both compute the same thing"
         )
+
+
+def _reproducibility(report: VerifyReport) -> str:
+    if report.torch_batch1_agreement_pct is None:
+        return ""
+    return (f"PyTorch one image at a time agrees with its batched run on "
+            f"{report.torch_batch1_agreement_pct:.1f} % of top-1 decisions (below 100 %: "
+            f"rounding ties alone move this model's decisions)\n")
 
 
 @click.command("verify")

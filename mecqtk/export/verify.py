@@ -25,6 +25,9 @@ from mecqtk.export.session import make_session, with_code_outputs
 from mecqtk.export.snap import bias_grids
 
 DEFAULT_THRESHOLD_PCT = 99.0
+# Images the PyTorch model also runs one at a time: how often it agrees with its own batched run
+# says how far rounding ties alone move this model's top-1 decisions.
+REPRODUCIBILITY_IMAGES = 256
 # A bias further than this (in accumulator units) from its int32 grid was not snapped.
 OFF_GRID_UNITS = 0.05
 
@@ -75,6 +78,7 @@ class VerifyReport:
     diagnostic_matches_deployed: bool
     seconds: float
     off_grid_bias_layers: int = 0
+    torch_batch1_agreement_pct: float | None = None
     model_path: str = ""
     data: str = ""
     environment: dict[str, Any] = field(default_factory=dict)
@@ -189,6 +193,7 @@ def compare(
     layers = {e.layer: LayerAgreement(e.layer, e.bits) for e in entries}
     totals = _Totals()
     matches = True
+    single_seen = single_agree = 0
     for index, (images, labels) in enumerate(batches):
         if limit is not None and totals.n >= limit:
             break
@@ -197,10 +202,15 @@ def compare(
         feed = {"input": images.float().cpu().numpy()}
         onnx_logits = deployed.run([output_name], feed)[0]
         results = diagnostic.run([output_name, *code_names], feed)
-        if index == 0:
-            matches = bool(np.array_equal(results[0], onnx_logits))
         recorder = _CodeRecorder(gm, watched)
         torch_logits = recorder.run(images.float().cpu()).numpy()
+        if index == 0:
+            matches = bool(np.array_equal(results[0], onnx_logits))
+        single_left = REPRODUCIBILITY_IMAGES - single_seen
+        if single_left > 0:
+            single_agree += _batch1_agreeing(gm, images[:single_left].float().cpu(),
+                                             torch_logits)
+            single_seen += min(single_left, len(images))
         totals.add(onnx_logits, torch_logits, labels.cpu().numpy())
         for entry, onnx_codes in zip(entries, results[1:], strict=True):
             _add_layer(layers[entry.layer], entry, onnx_codes, recorder.codes[entry.layer])
@@ -224,11 +234,21 @@ def compare(
         layers=ordered,
         diagnostic_matches_deployed=matches,
         seconds=time.perf_counter() - started,
+        torch_batch1_agreement_pct=100.0 * single_agree / max(single_seen, 1),
         off_grid_bias_layers=(sum(g.off_grid_units > OFF_GRID_UNITS for g in bias_grids(gm))
                               if isinstance(gm, fx.GraphModule) else 0),
         environment={"onnxruntime": ort.__version__, "torch": torch.__version__,
                      "threads": threads},
     )
+
+
+def _batch1_agreeing(gm: nn.Module, images: torch.Tensor, batched: np.ndarray) -> int:
+    """How many of ``images`` get the same top-1 from ``gm`` run one image at a time as in its
+    batched logits. PyTorch picks other kernels at batch 1, so values at a rounding boundary of
+    a quantizer land on either side: below 100 % the model's own decisions move under float
+    reordering, and onnxruntime cannot be expected to agree more often."""
+    single = torch.cat([gm(image[None]) for image in images]).numpy()
+    return int((single.argmax(1) == batched[: len(images)].argmax(1)).sum())
 
 
 def _add_layer(layer: LayerAgreement, entry: TensorEntry, onnx_codes: np.ndarray,

@@ -29,6 +29,24 @@ def test_codes_agree_exactly_without_bias(plain_net, bits, export_format):
     assert report.first_diverging_layer is None
     assert report.top1_agreement_pct == 100.0
     assert report.max_abs_logit_diff < 1e-6
+    assert report.torch_batch1_agreement_pct == 100.0  # 96 images also run one at a time
+
+
+def test_batch1_reproducibility_counts_disagreements():
+    from mecqtk.export.verify import _batch1_agreeing
+
+    class BatchSensitive(torch.nn.Module):
+        """Decides differently alone than in a batch: what a rounding tie does to a model."""
+
+        def forward(self, x):
+            logits = torch.zeros(len(x), 10)
+            logits[:, 1 if len(x) == 1 else 0] = 1.0
+            return logits
+
+    x = torch.randn(5, 3, 8, 8)
+    batched = BatchSensitive()(x).numpy()
+    assert _batch1_agreeing(BatchSensitive(), x, batched) == 0
+    assert _batch1_agreeing(torch.nn.Flatten(), x, torch.nn.Flatten()(x).numpy()) == 5
 
 
 def test_eight_bit_codes_differ_only_by_rare_float_ties(plain_net):
