@@ -12,6 +12,7 @@ Usage (from the repository root):
     python tools/export_coverage.py                           # the 25, W8A8 W4A4 W2A2
     python tools/export_coverage.py --bits 4,2 --json out.jsonl
     python tools/export_coverage.py --models resnet18,vit_tiny_patch16_224 --bits 4
+    python tools/export_coverage.py --models further --bits 4,2   # held-out architectures
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ sys.path.insert(0, str(REPO))
 
 import mecqtk  # noqa: E402
 from mecqtk.export import compare, export_model, snap_biases  # noqa: E402
-from mecqtk.graph.zoo import COVERAGE_MODELS, small_model  # noqa: E402
+from mecqtk.graph.zoo import COVERAGE_MODELS, FURTHER_MODELS, small_model  # noqa: E402
+from mecqtk.models.input_fit import fit_model_to_images  # noqa: E402
 from mecqtk.recipe.loader import recipe_from_dict  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "cifar10-jpeg"
@@ -110,6 +112,19 @@ def integer_kernels(model_path: Path) -> tuple[int, int]:
     return sum(op in INTEGER_OPS for op in ops), sum(op in FLOAT_OPS for op in ops)
 
 
+def model_for(name: str) -> tuple[torch.nn.Module, tuple[int, int, int]]:
+    """A zoo model at its small input, any other timm model fitted to 32-px images as
+    `mecqtk quantize` fits it (run as is, built at that size, or at its own size)."""
+    if name in COVERAGE_MODELS:
+        return small_model(name)
+    import timm
+
+    fit = fit_model_to_images(name, 10, (3, 32, 32))
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=10, **fit.model_kwargs)
+    return model, fit.input_size
+
+
 def run_one(name: str, bits: int, n: int, folder: Path) -> Row:
     import onnx
 
@@ -117,7 +132,7 @@ def run_one(name: str, bits: int, n: int, folder: Path) -> Row:
     row = Row(name, bits, False)
     try:
         torch.manual_seed(0)
-        model, shape = small_model(name)
+        model, shape = model_for(name)
         gm = mecqtk.prepare(model, recipe_for(bits))
         train, _ = load_images("train", 64, shape[-1])
         gm.train()
@@ -154,7 +169,8 @@ def run_one(name: str, bits: int, n: int, folder: Path) -> Row:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(COVERAGE_MODELS),
-                        help="comma-separated timm names (default: the 25 of mecqtk.graph.zoo)")
+                        help="comma-separated timm names, or 'further' for the held-out list "
+                             "(default: the 25 of mecqtk.graph.zoo)")
     parser.add_argument("--bits", default="8,4,2", help="comma-separated widths: 8, 4, 2")
     parser.add_argument("--n", type=int, default=256, help="real test images per model")
     parser.add_argument("--json", type=Path, help="also append every row as a JSON line here")
@@ -172,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models.split(","):
+        names = FURTHER_MODELS if args.models == "further" else args.models.split(",")
+        for name in names:
             for bits in (int(b) for b in args.bits.split(",")):
                 row = run_one(name, bits, args.n, Path(tmp))
                 rows.append(row)

@@ -30,7 +30,7 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mecqtk.graph.zoo import COVERAGE_MODELS  # noqa: E402
+from mecqtk.graph.zoo import COVERAGE_MODELS, FURTHER_MODELS  # noqa: E402
 
 
 def smallest_learned_step(checkpoint: Path) -> float | None:
@@ -83,7 +83,8 @@ def run_one(model: str, recipe: str, data: str, out: Path, extra: list[str],
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="*", default=list(COVERAGE_MODELS))
+    parser.add_argument("--models", nargs="*", default=list(COVERAGE_MODELS),
+                        help="timm names, or 'further' for the held-out list of zoo.py")
     parser.add_argument("--recipes", default="w4a4_lsq.yaml,w2a2_lsq.yaml")
     parser.add_argument("--data", default=f"imagefolder:{REPO.parent / 'shared/data/cifar10-jpeg'}")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "train_coverage")
@@ -100,8 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     wall = time.perf_counter()
     sink = args.json.open("a") if args.json else None
+    models = list(FURTHER_MODELS) if args.models == ["further"] else args.models
     for recipe in args.recipes.split(","):
-        for model in args.models:
+        for model in models:
             row = run_one(model, recipe, args.data, args.out / f"{model}_{Path(recipe).stem}",
                           extra, export=args.export)
             rows.append(row)

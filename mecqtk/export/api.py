@@ -178,6 +178,7 @@ def export_model(
         compact_metadata,
         float_adds_of_codes,
         global_average_pools,
+        hold_requantized_codes,
         pack_weights,
         quantizer_twins,
         torch_onnx_export,
@@ -197,6 +198,7 @@ def export_model(
     tensors = activation_entries(model, deploy, fx_names, twins) + weight_entries(model, deploy)
     global_average_pools(model)
     float_adds_of_codes(model)
+    hold_requantized_codes(model)
     compact_metadata(model)
     if export_format == "packed":
         pack_weights(model, tensors)

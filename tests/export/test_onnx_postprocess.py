@@ -1,0 +1,69 @@
+"""The export's graph post-processing keeps onnxruntime from changing what the file computes."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from mecqtk.export.onnx_export import float_adds_of_codes, hold_requantized_codes
+
+SCALE_1, SCALE_2 = np.float32(0.011), np.float32(0.0109)  # two 8-bit steps in a row
+
+
+def _requantize_chain() -> onnx.ModelProto:
+    """x -> Q(s1) -> DQ -> Q(s2) -> DQ: a value requantized on a slightly different grid."""
+    inits = [numpy_helper.from_array(np.array(v, dt), n) for n, v, dt in (
+        ("s1", SCALE_1, np.float32), ("s2", SCALE_2, np.float32), ("zp", 128, np.uint8))]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s1", "zp"], ["q1"], name="q1"),
+        helper.make_node("DequantizeLinear", ["q1", "s1", "zp"], ["d1"], name="d1"),
+        helper.make_node("QuantizeLinear", ["d1", "s2", "zp"], ["q2"], name="q2"),
+        helper.make_node("DequantizeLinear", ["q2", "s2", "zp"], ["y"], name="d2"),
+    ]
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, [4096])], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, [4096])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+def test_requantization_keeps_both_roundings():
+    x = np.random.default_rng(0).uniform(-1.4, 1.4, 4096).astype(np.float32)
+    q1 = np.clip(np.rint(x / SCALE_1) + 128, 0, 255)
+    d1 = ((q1 - 128) * SCALE_1).astype(np.float32)
+    expected = (np.clip(np.rint(d1 / SCALE_2) + 128, 0, 255) - 128) * SCALE_2
+
+    merged = _run(_requantize_chain(), x)  # onnxruntime folds the two pairs into one
+    assert np.count_nonzero(merged != expected) > 100
+
+    held = _requantize_chain()
+    assert hold_requantized_codes(held) == 1
+    assert np.array_equal(_run(held, x), expected.astype(np.float32))
+
+
+def test_only_adds_of_two_dequantized_tensors_become_sums():
+    inits = [numpy_helper.from_array(np.array(v, dt), n) for n, v, dt in (
+        ("s", 0.1, np.float32), ("zp", 0, np.int8), ("c", np.ones(8), np.float32))]
+    nodes = [
+        helper.make_node("DequantizeLinear", ["a", "s", "zp"], ["da"]),
+        helper.make_node("DequantizeLinear", ["b", "s", "zp"], ["db"]),
+        helper.make_node("Add", ["da", "db"], ["sum"], name="codes_add"),
+        helper.make_node("Add", ["sum", "c"], ["y"], name="float_add"),
+    ]
+    graph = helper.make_graph(
+        nodes, "adds",
+        [helper.make_tensor_value_info(n, TensorProto.INT8, [8]) for n in ("a", "b")],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    assert float_adds_of_codes(model) == 1
+    assert [n.op_type for n in model.graph.node] == [
+        "DequantizeLinear", "DequantizeLinear", "Sum", "Add"]
