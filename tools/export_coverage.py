@@ -58,6 +58,7 @@ class Row:
     reason: str = ""
     top1_agreement_pct: float | None = None
     max_rel_logit_diff: float | None = None
+    torch_batch1_agreement_pct: float | None = None
     integer_kernel_fraction: float | None = None
     integer_nodes: int = 0
     float_nodes: int = 0
@@ -152,6 +153,7 @@ def run_one(name: str, bits: int, n: int, folder: Path) -> Row:
         report = compare(gm, exported, manifest, batches, threads=1)
         row.top1_agreement_pct = report.top1_agreement_pct
         row.max_rel_logit_diff = report.max_rel_logit_diff
+        row.torch_batch1_agreement_pct = report.torch_batch1_agreement_pct
         row.integer_nodes, row.float_nodes = integer_kernels(path)
         total = row.integer_nodes + row.float_nodes
         row.integer_kernel_fraction = row.integer_nodes / total if total else None
@@ -182,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     console = Console(width=160)
     table = Table(title=f"mecqtk export coverage ({args.n} real CIFAR-10 test images)")
-    for column in ("model", "bits", "exported", "top-1 agree %", "max |dlogit|/range",
+    for column in ("model", "bits", "exported", "top-1 agree %", "torch batch-1 agree %",
+                   "max |dlogit|/range",
                    "integer kernels", "size KB", "s", "reason"):
         table.add_column(column)
     rows = []
@@ -203,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
                     name, f"W{bits}A{bits}",
                     "[green]yes[/green]" if row.exported else "[red]no[/red]",
                     "" if row.top1_agreement_pct is None else f"{row.top1_agreement_pct:.1f}",
+                    "" if row.torch_batch1_agreement_pct is None
+                    else f"{row.torch_batch1_agreement_pct:.1f}",
                     "" if row.max_rel_logit_diff is None else f"{row.max_rel_logit_diff:.2e}",
                     "" if row.integer_kernel_fraction is None
                     else f"{row.integer_nodes}/{row.integer_nodes + row.float_nodes}",
