@@ -27,7 +27,7 @@ from mecqtk.export.snap import bias_grids
 DEFAULT_THRESHOLD_PCT = 99.0
 # Images the PyTorch model also runs one at a time: how often it agrees with its own batched run
 # says how far rounding ties alone move this model's top-1 decisions.
-REPRODUCIBILITY_IMAGES = 256
+REPRODUCIBILITY_IMAGES = 64
 # A bias further than this (in accumulator units) from its int32 grid was not snapped.
 OFF_GRID_UNITS = 0.05
 
