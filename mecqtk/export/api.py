@@ -14,10 +14,10 @@ import torch.fx as fx
 
 from mecqtk.errors import ExportError
 from mecqtk.export.manifest import Manifest, manifest_path_for, sha256_of
-from mecqtk.export.verify import VerifyReport, compare
+from mecqtk.export.verify import LayerAgreement, VerifyReport, _CodeRecorder, compare
+from mecqtk.graph.introspect import activation_quantizers
 from mecqtk.io import atomic_write_bytes
 from mecqtk.quant.modules import QuantizedLayer
-from mecqtk.quant.quantizers import FakeQuantizer
 
 ExportFormat = Literal["qcdq", "packed"]
 EXPORT_FORMATS: tuple[str, ...] = ("qcdq", "packed")
@@ -86,10 +86,7 @@ def check_convert(gm: torch.nn.Module, deploy: torch.nn.Module, probe: torch.Ten
     """The deploy form must quantize like the model it came from: the first activation whose
     codes differ may differ by one code on at most SELF_CHECK_CODES_PCT of its values (BatchNorm
     folding changes float rounding only)."""
-    from mecqtk.export.verify import LayerAgreement, _CodeRecorder
-
-    names = [n for n, m in gm.named_modules() if isinstance(m, FakeQuantizer)
-             and not n.endswith("weight_quantizer")]
+    names = list(activation_quantizers(gm))
     fake, frozen = _CodeRecorder(gm, set(names)), _CodeRecorder(deploy, set(names))
     fake.run(probe)
     frozen.run(probe)

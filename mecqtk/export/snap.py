@@ -29,11 +29,9 @@ from mecqtk.export.weights import (
     foldable_batchnorm,
     layer_terms,
 )
-from mecqtk.graph.ops import preserves_grid
+from mecqtk.graph.introspect import feeding_quantizer
 from mecqtk.quant.modules import QuantizedLayer
 from mecqtk.quant.quantizers import FakeQuantizer, Mode
-
-_ALIASES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d)
 
 
 @dataclass(frozen=True)
@@ -55,22 +53,15 @@ class BiasGrid:
 
 
 def input_quantizer(node: fx.Node, modules: dict[str, nn.Module]) -> FakeQuantizer | None:
-    """The per-tensor activation quantizer feeding ``node`` (through no-op modules), if any."""
-    source = node.args[0] if node.args else None
-    while isinstance(source, fx.Node):
-        if preserves_grid(source, modules):  # a max pool keeps its input's grid
-            source = source.args[0]
-            continue
-        if source.op != "call_module":
-            return None
-        module = modules[str(source.target)]
-        if isinstance(module, FakeQuantizer):
-            ready = module.mode is Mode.QUANTIZE and module.axis is None
-            return module if ready and bool(module.initialized) else None
-        if not isinstance(module, _ALIASES):
-            return None
-        source = source.args[0]
-    return None
+    """The activation quantizer feeding ``node`` (see
+    :func:`~mecqtk.graph.introspect.feeding_quantizer`) when it defines an integer grid:
+    quantizing, per tensor, with a step size set."""
+    found = feeding_quantizer(node, modules)
+    if found is None:
+        return None
+    module = found[1]
+    ready = module.mode is Mode.QUANTIZE and module.axis is None
+    return module if ready and bool(module.initialized) else None
 
 
 @torch.no_grad()

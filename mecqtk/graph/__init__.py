@@ -5,8 +5,14 @@ See docs/design.md for the pass pipeline. ``mecqtk.graph.doctor`` holds ``explai
 
 from mecqtk.graph.annotate import annotate, annotate_model
 from mecqtk.graph.attention import decompose_sdpa, unfuse_timm_attention
-from mecqtk.graph.insert import activation_quantizers, insert_model, insert_quantizers
-from mecqtk.graph.leaves import graph_modules, trace_leaf_interiors
+from mecqtk.graph.insert import insert_model, insert_quantizers
+from mecqtk.graph.introspect import (
+    activation_quantizers,
+    graph_modules,
+    quantized_layers,
+    weight_quantizers,
+)
+from mecqtk.graph.leaves import trace_leaf_interiors
 from mecqtk.graph.meta import META_KEY, GraphInfo, NodeQuant, annotated_nodes, get_quant, graph_info
 from mecqtk.graph.pipeline import prepare, run_passes
 from mecqtk.graph.report import LayerRow, QuantReport, quant_report
@@ -31,8 +37,10 @@ __all__ = [
     "insert_quantizers",
     "prepare",
     "quant_report",
+    "quantized_layers",
     "run_passes",
     "trace",
     "trace_leaf_interiors",
     "unfuse_timm_attention",
+    "weight_quantizers",
 ]

@@ -13,9 +13,11 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from mecqtk.graph.leaves import eager_layers, graph_modules, is_layer
+from mecqtk.graph.introspect import graph_modules
+from mecqtk.graph.leaves import eager_layers
 from mecqtk.graph.meta import NodeQuant, OpKind, annotated_nodes, get_quant, graph_info, set_quant
 from mecqtk.graph.ops import (
+    LAYER_KINDS,
     functional_weight,
     layer_name,
     node_arguments,
@@ -28,10 +30,10 @@ from mecqtk.graph.rules import resolve
 from mecqtk.graph.signedness import nonnegative_values
 from mecqtk.graph.values import ValueKind, value_kinds
 from mecqtk.quant.bn_fold import can_fold
+from mecqtk.quant.modules import is_layer, layer_kind
 from mecqtk.quant.spec import QuantSpec
 from mecqtk.recipe.schema import QuantConfig, QuantizerConfig
 
-LAYER_KINDS = ("conv", "linear")
 _SOFTMAX_FUNCTIONS = {torch.softmax, F.softmax}
 # Ops an attention logit passes through between its add and the softmax.
 _LOGIT_PATH_METHODS = {"view", "reshape", "masked_fill", "add", "unsqueeze", "contiguous", "float"}
@@ -334,8 +336,7 @@ def annotate(
 def _eager_decision(config: QuantConfig, gm: fx.GraphModule, name: str, full_name: str,
                     positions: dict[str, set[str]]) -> NodeQuant:
     """A layer run by leaf code: no graph around it, so its input's sign is unknown (signed)."""
-    layer = gm.get_submodule(name)
-    kind: OpKind = "linear" if isinstance(layer, nn.Linear) else "conv"
+    kind: OpKind = layer_kind(gm.get_submodule(name)) or "conv"
     resolution = resolve(config, full_name, kind, positions.get(full_name, set()))
     if resolution.skipped is not None:
         return NodeQuant(kind=kind, module_name=name, skipped=resolution.skipped)

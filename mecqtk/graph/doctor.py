@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from mecqtk.errors import GraphError
+from mecqtk.graph.introspect import quantized_layers
 from mecqtk.graph.pipeline import prepare
 from mecqtk.graph.report import QuantReport, quant_report
 from mecqtk.quant.calibrate import calibrate
-from mecqtk.quant.modules import QuantizedLayer
 from mecqtk.quant.quantizers import FakeQuantizer, first_invalid_step, keep_steps_valid
 from mecqtk.recipe import Recipe, load_recipe
 from mecqtk.train.optim import build_optimizer
@@ -149,8 +149,9 @@ def _run_once(qmodel: nn.Module, x: torch.Tensor) -> tuple[bool, bool, tuple[str
     """Calibrate on ``x``, one forward + backward in train mode, one forward in eval mode;
     (forward_ok, backward_ok, quantized layers that never ran, error)."""
     ran: set[str] = set()
-    hooks = [m.register_forward_hook(lambda mod, *_, name=n: ran.add(name))
-             for n, m in qmodel.named_modules() if isinstance(m, QuantizedLayer)]
+    layers = [site.name for site in quantized_layers(qmodel)]
+    hooks = [qmodel.get_submodule(n).register_forward_hook(lambda mod, *_, name=n: ran.add(name))
+             for n in layers]
     try:
         calibrate(qmodel, [x], weight_observer=CHECK_WEIGHT_OBSERVER)  # settles BN statistics
         invalid = first_invalid_step(qmodel)
@@ -171,7 +172,6 @@ def _run_once(qmodel: nn.Module, x: torch.Tensor) -> tuple[bool, bool, tuple[str
     grads = [p.grad for p in qmodel.parameters() if p.grad is not None]
     if not grads or not all(torch.isfinite(g).all() for g in grads):
         return True, False, (), "gradients are missing or not finite"
-    layers = [n for n, m in qmodel.named_modules() if isinstance(m, QuantizedLayer)]
     not_run = tuple(n for n in layers if n not in ran)
     try:  # the graph was traced in train mode: eval (running BN statistics) must work too
         qmodel.eval()

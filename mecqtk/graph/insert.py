@@ -7,14 +7,13 @@ or (for layers run by leaf code) in the GraphModule's :class:`~mecqtk.graph.meta
 from __future__ import annotations
 
 import torch.fx as fx
-from torch import nn
 
-from mecqtk.graph.leaves import graph_modules
+from mecqtk.graph.introspect import graph_modules
 from mecqtk.graph.meta import annotated_nodes, graph_info
 from mecqtk.graph.ops import node_arguments, replace_node_argument
 from mecqtk.quant.bn_fold import FoldedBNLayer
 from mecqtk.quant.modules import QuantizedLayer
-from mecqtk.quant.quantizers import FakeQuantizer, make_quantizer
+from mecqtk.quant.quantizers import make_quantizer
 from mecqtk.quant.spec import QuantSpec
 
 ACT_PREFIX = "aq_"
@@ -171,12 +170,3 @@ def insert_model(gm: fx.GraphModule) -> fx.GraphModule:
         insert_quantizers(sub)
     return gm
 
-
-def activation_quantizers(model: nn.Module) -> dict[str, nn.Module]:
-    """Every activation quantizer by qualified name: graph ones (``aq_*``, also inside nested
-    graphs) and the input quantizers of eager layers."""
-    return {
-        name: module for name, module in model.named_modules()
-        if isinstance(module, FakeQuantizer)
-        and (name.rpartition(".")[2].startswith(ACT_PREFIX) or name.endswith(".input_quantizer"))
-    }

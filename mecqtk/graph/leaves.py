@@ -11,28 +11,17 @@ insert pass can wrap each in a QuantizedLayer that also quantizes its input.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable
 
 import torch.fx as fx
 from torch import nn
 
 from mecqtk.errors import GraphError
-from mecqtk.graph.meta import NodeQuant, get_quant, graph_info
 from mecqtk.graph.tracer import is_declared_leaf, trace
-from mecqtk.quant.modules import QuantizedLayer, is_quantizable_layer
-from mecqtk.quant.quantizers import FakeQuantizer
+from mecqtk.quant.modules import holds_layers, is_layer
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 _PLAIN_ATTRIBUTE_TYPES = (int, float, bool, str, tuple, type(None))
-
-
-def holds_layers(module: nn.Module) -> bool:
-    return any(is_quantizable_layer(m) for m in module.modules())
-
-
-def is_layer(module: nn.Module) -> bool:
-    return is_quantizable_layer(module) or isinstance(module, QuantizedLayer)
 
 
 def _keep_plain_attributes(original: nn.Module, traced: fx.GraphModule) -> None:
@@ -91,14 +80,6 @@ def trace_leaf_interiors(
     return gm
 
 
-def graph_modules(root: fx.GraphModule) -> Iterator[tuple[str, fx.GraphModule]]:
-    """``root`` and every GraphModule nested in it, with its qualified name, outermost first."""
-    yield "", root
-    for name, module in root.named_modules():
-        if name and isinstance(module, fx.GraphModule):
-            yield name, module
-
-
 def eager_layers(gm: fx.GraphModule) -> list[str]:
     """Qualified names (relative to ``gm``) of the layers run by leaf code, not by a graph node.
 
@@ -122,62 +103,3 @@ def eager_layers(gm: fx.GraphModule) -> list[str]:
         if not is_layer(module) and not isinstance(module, fx.GraphModule):
             walk(module, target)
     return found
-
-
-@dataclass(frozen=True)
-class Annotation:
-    """One annotated layer or op of a model, wherever it sits.
-
-    ``name`` is the qualified module name (as recipe rules and the original model name it);
-    ``graph`` is the GraphModule whose node carries the decision or whose leaf call runs the eager
-    layer, ``prefix`` that graph's qualified name; ``node`` is None for an eager layer.
-    """
-
-    name: str
-    quant: NodeQuant
-    graph: fx.GraphModule
-    prefix: str
-    node: fx.Node | None
-
-    @property
-    def eager(self) -> bool:
-        return self.node is None
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
-
-
-def annotations_in_order(root: fx.GraphModule) -> Iterator[Annotation]:
-    """Every annotation of ``root`` in execution order: graph order, with the interior of each
-    leaf module (its nested graphs and eager layers) spliced in where the leaf is called.
-
-    Example:
-        >>> [a.name for a in annotations_in_order(prepare(model, recipe))][:2]  # doctest: +SKIP
-        ['conv1', 'layer1.0.conv1']
-    """
-
-    def in_graph(gm: fx.GraphModule, prefix: str) -> Iterator[Annotation]:
-        eager = graph_info(gm).eager_layers
-        for node in gm.graph.nodes:
-            quant = get_quant(node)
-            if quant is not None:
-                yield Annotation(_join(prefix, quant.module_name), quant, gm, prefix, node)
-            elif node.op == "call_module":
-                module = gm.get_submodule(node.target)
-                if not isinstance(module, FakeQuantizer):
-                    yield from in_leaf(gm, module, str(node.target), prefix, eager)
-
-    def in_leaf(gm: fx.GraphModule, module: nn.Module, local: str, prefix: str,
-                eager: dict[str, NodeQuant]) -> Iterator[Annotation]:
-        if local in eager:
-            yield Annotation(_join(prefix, local), eager[local], gm, prefix, None)
-            return
-        for child_name, child in module.named_children():
-            path = f"{local}.{child_name}"
-            if isinstance(child, fx.GraphModule):
-                yield from in_graph(child, _join(prefix, path))
-            else:
-                yield from in_leaf(gm, child, path, prefix, eager)
-
-    yield from in_graph(root, "")

@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mecqtk.graph.meta import OpKind
-from mecqtk.quant.modules import QuantizedLayer, is_quantizable_layer
+from mecqtk.quant.modules import layer_kind
 
+LAYER_KINDS = ("conv", "linear")
 ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 ADD_METHODS = {"add", "add_"}
 CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
@@ -151,10 +152,9 @@ def node_kind(node: fx.Node, modules: dict[str, nn.Module]) -> OpKind | None:
     """The quantization-relevant kind of ``node``, or None for anything else."""
     if node.op == "call_module":
         module = modules[node.target]
-        if isinstance(module, QuantizedLayer):
-            module = module.layer
-        if is_quantizable_layer(module):
-            return "linear" if isinstance(module, nn.Linear) else "conv"
+        kind = layer_kind(module)
+        if kind is not None:
+            return kind
         if isinstance(module, POOL_MODULES):
             return "pool"
         return None

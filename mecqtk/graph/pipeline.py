@@ -21,7 +21,8 @@ from torch import nn
 from mecqtk.graph.annotate import annotate_model
 from mecqtk.graph.attention import decompose_sdpa, unfuse_timm_attention
 from mecqtk.graph.insert import insert_model
-from mecqtk.graph.leaves import graph_modules, trace_leaf_interiors
+from mecqtk.graph.introspect import graph_modules
+from mecqtk.graph.leaves import trace_leaf_interiors
 from mecqtk.graph.tracer import trace
 from mecqtk.recipe.schema import QuantConfig, Recipe
 

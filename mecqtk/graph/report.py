@@ -12,12 +12,12 @@ from dataclasses import dataclass
 import torch.fx as fx
 from torch import nn
 
-from mecqtk.graph.leaves import annotations_in_order
+from mecqtk.graph.introspect import annotations_in_order
 from mecqtk.graph.meta import NodeQuant, graph_info
-from mecqtk.quant.modules import QuantizedLayer, is_quantizable_layer
+from mecqtk.graph.ops import LAYER_KINDS
+from mecqtk.quant.modules import QuantizedLayer, is_quantizable_layer, layer_kind
 
 NOT_CALLED = "never called as a module by the traced forward (unused, or read by functional code)"
-LAYER_KINDS = ("conv", "linear")
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ def _row(name: str, quant: NodeQuant, op: str, eager: bool = False) -> LayerRow:
 
 
 def _annotated_rows(qmodel: fx.GraphModule, originals: dict[str, nn.Module]) -> list[LayerRow]:
-    """Rows in execution order (see :func:`~mecqtk.graph.leaves.annotations_in_order`)."""
+    """Rows in execution order (see :func:`~mecqtk.graph.introspect.annotations_in_order`)."""
     rows: list[LayerRow] = []
     for annotation in annotations_in_order(qmodel):
         name, quant = annotation.name, annotation.quant
@@ -124,10 +124,8 @@ def quant_report(model: nn.Module, qmodel: fx.GraphModule) -> QuantReport:
         rows.setdefault(row.name, row)
     for name, module in model.named_modules():
         if is_quantizable_layer(module) and name not in rows:
-            rows[name] = LayerRow(name=name, kind=_kind(module), op=describe_layer(module),
+            rows[name] = LayerRow(name=name, kind=layer_kind(module) or "conv",
+                                  op=describe_layer(module),
                                   weight=None, inputs=(), output=None, float_reason=NOT_CALLED)
     return QuantReport(rows=tuple(rows.values()), auto_leaves=graph_info(qmodel).auto_leaves)
 
-
-def _kind(module: nn.Module) -> str:
-    return "linear" if isinstance(module, nn.Linear) else "conv"

@@ -31,7 +31,7 @@ from torch import nn
 
 from mecqtk.errors import GraphError
 from mecqtk.graph.meta import graph_info
-from mecqtk.quant.modules import QuantizedLayer, is_quantizable_layer
+from mecqtk.quant.modules import holds_layers, is_layer
 
 MAX_AUTO_LEAVES = 32
 # functional dropouts and the module that applies the same dropout only in training mode
@@ -58,7 +58,7 @@ def is_declared_leaf(module: nn.Module, extra_leaf_classes: Iterable[str] = ()) 
         isinstance(module, tuple(timm_fx.get_notrace_modules()))
         or type(module).__name__ in set(extra_leaf_classes)
         or (_forward_reads_training(type(module))
-            and not any(is_quantizable_layer(m) for m in module.modules()))
+            and not holds_layers(module))
     )
 
 
@@ -74,7 +74,7 @@ class QuantTracer(fx.Tracer):
         self.failed_module: str | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if is_quantizable_layer(m) or isinstance(m, QuantizedLayer):
+        if is_layer(m):
             return True
         if is_declared_leaf(m, self.extra_leaf_classes):
             return True

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from mecqtk.quant.modules import QuantizedLayer
+from mecqtk.quant.modules import QuantizedLayer, layer_weight_quantizers
 from mecqtk.quant.quantizers import FakeQuantizer, Mode
 
 BatchNorm = nn.modules.batchnorm._BatchNorm
@@ -107,13 +107,14 @@ def calibrate(
     batches = list(batches)
     settle_batchnorm(model, batches)
     calibrate_weights(model, weight_observer or observer)
-    weight_quantizers = {id(m.weight_quantizer) for m in model.modules()
-                         if isinstance(m, QuantizedLayer)}
-    activation = [m for m in model.modules()
-                  if isinstance(m, FakeQuantizer) and id(m) not in weight_quantizers]
+    # every quantizer not set from its layer's weight above observes the data: activation
+    # quantizers, and those a graph puts on functional weights (they see the same weight)
+    from_weights = {id(q) for q in layer_weight_quantizers(model).values()}
+    observing = [m for m in model.modules()
+                 if isinstance(m, FakeQuantizer) and id(m) not in from_weights]
     was_training = model.training
     model.eval()
-    for quantizer in activation:
+    for quantizer in observing:
         quantizer.start_observing(observer)
     seen = 0
     device = next(model.parameters()).device
@@ -122,7 +123,7 @@ def calibrate(
         seen += 1
     if seen == 0:
         raise ValueError("calibration needs at least one batch")
-    for quantizer in activation:
+    for quantizer in observing:
         quantizer.finish_observing()
     model.train(was_training)
     return seen

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -11,6 +11,8 @@ from mecqtk.quant.layer_forms import WeightInterceptor, layer_form
 from mecqtk.quant.quantizers import FakeQuantizer
 
 QUANTIZABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+LayerKind = Literal["conv", "linear"]
 
 
 def is_quantizable_layer(module: nn.Module) -> bool:
@@ -61,3 +63,32 @@ class QuantizedLayer(nn.Module):
             return form.apply(self.layer, x, weight, self.layer.bias)
         with WeightInterceptor(self.weight_quantizer):
             return self.layer(x)
+
+
+def is_layer(module: nn.Module) -> bool:
+    """A quantizable layer, float or already wrapped in a :class:`QuantizedLayer`."""
+    return is_quantizable_layer(module) or isinstance(module, QuantizedLayer)
+
+
+def holds_layers(module: nn.Module) -> bool:
+    """Whether ``module`` is or contains a quantizable Conv/Linear."""
+    return any(is_quantizable_layer(m) for m in module.modules())
+
+
+def layer_kind(module: nn.Module) -> LayerKind | None:
+    """``linear`` or ``conv`` for a (possibly wrapped) quantizable layer, None for anything else."""
+    if isinstance(module, QuantizedLayer):
+        module = module.layer
+    if not is_quantizable_layer(module):
+        return None
+    return "linear" if isinstance(module, nn.Linear) else "conv"
+
+
+def layer_weight_quantizers(model: nn.Module) -> dict[str, FakeQuantizer]:
+    """The weight quantizer of every :class:`QuantizedLayer` in ``model``, by qualified name.
+
+    (Weights passed to a functional ``F.linear`` are quantized by graph nodes instead: see
+    :func:`mecqtk.graph.introspect.weight_quantizers`.)
+    """
+    return {f"{name}.weight_quantizer" if name else "weight_quantizer": m.weight_quantizer
+            for name, m in model.named_modules() if isinstance(m, QuantizedLayer)}

@@ -15,7 +15,7 @@ import torch.fx as fx
 from torch import nn
 
 from mecqtk.errors import MecqtkError
-from mecqtk.graph.leaves import Annotation, annotations_in_order
+from mecqtk.graph.introspect import quantized_layers
 from mecqtk.quant import FakeQuantizer, Mode, QuantizedLayer
 
 
@@ -39,45 +39,18 @@ class Site:
         return own + ([self.input_quantizer] if self.input_quantizer is not None else [])
 
 
-def _input_quantizer(annotation: Annotation,
-                     layer: QuantizedLayer) -> tuple[str | None, FakeQuantizer | None]:
-    """The activation quantizer on the layer's input, with its qualified module name: the graph
-    node feeding the layer, or for an eager layer the one it carries itself."""
-    if annotation.node is None:
-        if layer.input_quantizer is None:
-            return None, None
-        return f"{annotation.name}.input_quantizer", layer.input_quantizer
-    source = annotation.node.args[0] if annotation.node.args else None
-    if isinstance(source, fx.Node) and source.op == "call_module":
-        candidate = annotation.graph.get_submodule(str(source.target))
-        if isinstance(candidate, FakeQuantizer):
-            name = f"{annotation.prefix}.{source.target}" if annotation.prefix else source.target
-            return str(name), candidate
-    return None, None
-
-
 def find_sites(gm: fx.GraphModule) -> list[Site]:
-    """The quantized layers of ``gm`` (from :func:`mecqtk.graph.prepare`) in execution order:
-    those of the top graph, of the graphs traced inside leaf modules, and the eager layers that
-    leaf code calls directly. A layer called more than once is one site.
+    """The quantized layers of ``gm`` (from :func:`mecqtk.graph.prepare`) in execution order, as
+    :func:`~mecqtk.graph.introspect.quantized_layers` lists them: those of the top graph, of the
+    graphs traced inside leaf modules, and the eager layers that leaf code calls directly.
 
     Example:
         >>> [s.name for s in find_sites(qmodel)][:2]  # doctest: +SKIP
         ['conv1', 'layer1.0.conv1']
     """
-    sites: list[Site] = []
-    seen: set[str] = set()
-    for annotation in annotations_in_order(gm):
-        quant = annotation.quant
-        if not quant.quantized or quant.weight is None or annotation.name in seen:
-            continue
-        layer = gm.get_submodule(annotation.name)
-        if not isinstance(layer, QuantizedLayer):
-            continue
-        seen.add(annotation.name)
-        input_name, input_quantizer = _input_quantizer(annotation, layer)
-        sites.append(Site(len(sites), annotation.name, quant.kind, layer, input_name,
-                          input_quantizer))
+    sites = [Site(index, layer.name, layer.kind, layer.layer, layer.input_name,
+                  layer.input_quantizer)
+             for index, layer in enumerate(quantized_layers(gm))]
     if not sites:
         raise MecqtkError("the model has no quantized layers; is this a mecqtk run's model?")
     return sites

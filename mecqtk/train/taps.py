@@ -8,7 +8,7 @@ import torch.fx as fx
 from torch import nn
 
 from mecqtk.errors import RecipeError
-from mecqtk.graph.meta import annotated_nodes
+from mecqtk.graph.introspect import pooled_features_node
 
 POOLED = "pooled"
 
@@ -37,17 +37,16 @@ def rows(features: torch.Tensor) -> torch.Tensor:
 
 
 def classifier_input(gm: fx.GraphModule) -> fx.Node:
-    """The value feeding the last quantized layer (the pooled penultimate features).
+    """The value feeding the last layer (the pooled penultimate features), in the quantized
+    student and in the float teacher alike: :func:`~mecqtk.graph.introspect.pooled_features_node`.
 
     In a quantized graph that is the activation quantizer's output, so MEC sees the features the
     integer classifier will see.
     """
-    layers = [n for n, q in annotated_nodes(gm) if q.kind in ("linear", "conv")]
-    if not layers:
+    node = pooled_features_node(gm)
+    if node is None:
         raise RecipeError("mec.tap: no quantized layer to take 'pooled' features from")
-    source = layers[-1].args[0]
-    assert isinstance(source, fx.Node)
-    return source
+    return node
 
 
 def find_node(gm: fx.GraphModule, name: str) -> fx.Node:
