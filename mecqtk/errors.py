@@ -31,3 +31,23 @@ class GraphError(MecqtkError):
 
 class ExportError(MecqtkError):
     """The model cannot be exported, or a file given to export/verify is not what it should be."""
+
+
+class IncompleteRunError(MecqtkError):
+    """The run stopped short of a complete result but kept what it had (summary.json, the last
+    good checkpoint): training failed, or an end stage (export, verify or report) did; the
+    message names it and the command that retries it."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, summary: object = None) -> None:
+        super().__init__(message)
+        self.summary = summary
+
+
+def one_line(err: BaseException) -> str:
+    """The first line of an exception's message, with its type when it is not a user error."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    if isinstance(err, MecqtkError):
+        return text or type(err).__name__
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__

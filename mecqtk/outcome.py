@@ -13,18 +13,24 @@ import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
-from mecqtk.errors import MecqtkError
+import mecqtk.export
+import mecqtk.report
+from mecqtk.errors import IncompleteRunError, MecqtkError, one_line
 from mecqtk.io import atomic_write_text
+from mecqtk.rundir import STAGE_ERROR_LOG, RunDir
+
+if TYPE_CHECKING:
+    import torch
+
+    from mecqtk.run import RunSummary
 
 Status = Literal["verified", "written", "failed", "skipped", "pending"]
 
 # A quantize run whose ONNX file agrees with the trained model on fewer top-1 decisions than
 # this has not produced a deployable file (the same default `mecqtk verify` applies).
 EXPORT_AGREEMENT_THRESHOLD_PCT = 99.0
-# Full tracebacks of failed end stages go here, in the run folder, for bug reports.
-STAGE_ERROR_LOG = "{stage}-error.log"
 
 
 @dataclass
@@ -55,38 +61,17 @@ class StageOutcome:
         return {**data, **(self.details or {})}
 
 
-class IncompleteRunError(MecqtkError):
-    """Training finished and the run folder is complete, but an end stage (export, verify or
-    report) failed; the message names it and the command that retries it."""
-
-    exit_code = 1
-
-    def __init__(self, message: str, summary: Any = None) -> None:
-        super().__init__(message)
-        self.summary = summary
-
-
-def one_line(err: BaseException) -> str:
-    """The first line of an exception's message, with its type when it is not a user error."""
-    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    if isinstance(err, MecqtkError):
-        return text or type(err).__name__
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
-
-
 def export_stage(run_dir: Path, data: str, n: int | None, show_progress: bool,
                  say: Callable[[str], None],
                  threshold_pct: float = EXPORT_AGREEMENT_THRESHOLD_PCT) -> StageOutcome:
     """Export the run to integer ONNX and verify it on ``n`` images of ``data``; never raises
     (besides KeyboardInterrupt): any error, and an agreement below ``threshold_pct``, is a
     ``failed`` outcome."""
-    from mecqtk.export import export_and_verify
-
     retry = f"mecqtk export {run_dir} && mecqtk verify {run_dir} --data {data}"
     say("exporting integer ONNX and verifying it with onnxruntime")
     try:
-        exported, report = export_and_verify(run_dir, data, n=n, threshold_pct=threshold_pct,
-                                             show_progress=show_progress)
+        exported, report = mecqtk.export.export_and_verify(
+            run_dir, data, n=n, threshold_pct=threshold_pct, show_progress=show_progress)
     except Exception as err:  # any exporter bug must still leave a summary
         log_traceback(run_dir, "export", err)
         return StageOutcome("failed", reason=one_line(err),
@@ -142,3 +127,56 @@ def log_traceback(run_dir: Path, stage: str, err: BaseException) -> None:
     text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
     with contextlib.suppress(OSError):  # a convenience; the summary still records the reason
         atomic_write_text(run_dir / STAGE_ERROR_LOG.format(stage=stage), text)
+
+
+def end_stages(run_dir: RunDir, summary: RunSummary, *, data: str, limit_val: int | None,
+               export: bool, report: bool, report_images: int, device: torch.device,
+               show_progress: bool, say: Callable[[str], None]) -> None:
+    """Export + verify, then report, recording each outcome in ``summary`` and summary.json in
+    an order where a failing stage still leaves the summary and the checkpoint; then raise
+    :class:`IncompleteRunError` if one failed."""
+    # "pending" stays in summary.json only if the process dies inside that stage
+    outcomes: dict[str, StageOutcome] = {
+        "export": StageOutcome("pending") if export
+        else StageOutcome("skipped", reason="--no-export"),
+        "report": StageOutcome("pending") if report
+        else StageOutcome("skipped", reason="--no-report"),
+    }
+    summary.stages = outcomes
+    # written before the end stages run: a crash inside them leaves a summary
+    run_dir.write_summary(summary.as_json())
+    if export:
+        outcomes["export"] = export_stage(run_dir.path, data, limit_val, show_progress, say)
+        run_dir.write_summary(summary.as_json())
+    if report:
+        def write() -> None:
+            say("writing the per-layer report (report.html, report.json)")
+            mecqtk.report.write_report(run_dir.path, options=mecqtk.report.ReportOptions(
+                data=data, n=report_images, device=str(device), show_progress=show_progress,
+            ))
+
+        outcomes["report"] = report_stage(run_dir.path, write)
+        run_dir.write_summary(summary.as_json())
+    message = failure_message(run_dir.path, outcomes)
+    if message is not None:
+        raise IncompleteRunError(message, summary)
+
+
+def fail_training(err: Exception, run_dir: RunDir, is_main: bool,
+                  facts: dict[str, Any]) -> NoReturn:
+    """Record a run that stopped in training (NaN loss, a step size gone bad, a bug): its
+    traceback, and summary.json with ``facts`` and what failed, beside the last good checkpoint.
+    Then raise: ``err`` itself when it is a user error, else an :class:`IncompleteRunError`
+    naming the log."""
+    if is_main:
+        log_traceback(run_dir.path, "train", err)
+        run_dir.write_summary({
+            **facts, "train": {"status": "failed", "reason": one_line(err)},
+            "export": {"status": "skipped", "reason": "training failed"},
+            "report": {"status": "skipped", "reason": "training failed"},
+        })
+    if isinstance(err, MecqtkError):
+        raise err
+    raise IncompleteRunError(
+        f"training failed: {one_line(err)} (traceback in "
+        f"{run_dir.path / STAGE_ERROR_LOG.format(stage='train')})") from err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,14 @@ INFO = "run.json"
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
+# Full tracebacks of failed stages go here, in the run folder, for bug reports.
+STAGE_ERROR_LOG = "{stage}-error.log"
+# What a finished run holds besides its recipe and info: --force removes these before starting
+# again (the run's own files only, never anything else in the folder).
+RUN_OUTPUTS = (CHECKPOINT, METRICS, SUMMARY, INFO, RECIPE, "report.json", "report.html",
+               "suggested_recipe.yaml",
+               *(STAGE_ERROR_LOG.format(stage=s) for s in ("train", "export", "report")))
+RUN_OUTPUT_FOLDERS = ("report", "export", "onnx-qcdq", "onnx-packed")
 
 
 @dataclass
@@ -75,6 +84,28 @@ class RunDir:
         if not self.metrics.exists():
             return []
         return [json.loads(line) for line in self.metrics.read_text().splitlines() if line]
+
+    def prepare(self, recipe: Recipe, *, resume: bool, force: bool, is_main: bool) -> None:
+        """Check the folder can take this run: ``resume`` needs the interrupted run's recipe,
+        a folder holding a run needs ``force`` (whose outputs are removed then, by rank 0)."""
+        if resume:
+            self.require()
+            if (self.path / RECIPE).read_text() != dump_recipe(recipe):
+                raise MecqtkError(
+                    f"{self.path}: --resume needs the same recipe and --epochs as the interrupted "
+                    "run (see its recipe.yaml); use --force to start a new run there"
+                )
+            return
+        if self.holds_a_run() and not force:
+            raise MecqtkError(
+                f"{self.path} already holds a run; pass --resume to continue it, --force to "
+                "replace it, or choose another --out"
+            )
+        if is_main and force:
+            for name in RUN_OUTPUTS:
+                (self.path / name).unlink(missing_ok=True)
+            for extra in RUN_OUTPUT_FOLDERS:
+                shutil.rmtree(self.path / extra, ignore_errors=True)
 
     def require(self) -> None:
         """Raise a one-line error unless this folder holds a finished or resumable run."""

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 import mecqtk.export
 import mecqtk.report
-import mecqtk.run
+import mecqtk.train.session
 from mecqtk.cli import main
 from mecqtk.errors import ExportError
 from mecqtk.export import export_run, verify_run
@@ -165,7 +165,7 @@ def test_a_training_failure_leaves_a_summary(error, code, line, quantize_r20, mo
     def failing_epoch(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(mecqtk.run, "train_one_epoch", failing_epoch)
+    monkeypatch.setattr(mecqtk.train.session, "train_one_epoch", failing_epoch)
     result, summary, out = quantize_r20("--epochs", "1")
     assert result.exit_code == code
     assert _error_line(result).startswith(line)

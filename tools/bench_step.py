@@ -25,9 +25,9 @@ from mecqtk import calibrate, load_recipe, prepare
 from mecqtk.models import create_model
 from mecqtk.quant.arith import use_compiled_kernels
 from mecqtk.recipe import MECConfig, OptimizerConfig, ScheduleConfig
-from mecqtk.run import build_loss_terms
 from mecqtk.train import build_optimizer, build_scheduler
 from mecqtk.train.loop import TrainStep, train_one_epoch
+from mecqtk.train.terms import build_loss_terms
 
 VARIANTS = {
     "fp": None,

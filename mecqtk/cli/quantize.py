@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import click
 
 from mecqtk.cli.render import render_summary
-from mecqtk.outcome import IncompleteRunError
+from mecqtk.errors import IncompleteRunError
 
 if TYPE_CHECKING:
     from mecqtk.run import RunSummary

@@ -76,8 +76,8 @@ def report_command(run_dir, data, n, sensitivity, raise_top, compare, device, as
     Example:
       mecqtk report runs/r20_w2a2 --n 500 --sensitivity --compare runs/r20_w2a2_mec
     """
+    from mecqtk.device import resolve_device
     from mecqtk.report import ReportOptions, report_to_json, write_report
-    from mecqtk.run import resolve_device
 
     written = write_report(run_dir, options=ReportOptions(
         data=data, n=n, sensitivity=sensitivity, raise_top=raise_top, compare=compare,

@@ -6,6 +6,7 @@ import contextlib
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -14,9 +15,23 @@ from torch import nn
 from mecqtk.errors import MecqtkError
 from mecqtk.quant.quantizers import keep_steps_valid
 
-# Extra loss terms (MEC, distillation) plug in here: they get the batch, the logits and the global
-# step and return named scalar tensors that are added to the task loss ("log_*" are only logged).
-LossTerm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], dict[str, torch.Tensor]]
+
+class LossTerm(Protocol):
+    """An extra loss term (MEC, distillation) added to the task loss.
+
+    Called with the batch, the student's logits and the global step, it returns named scalar
+    tensors that are added to the task loss (names starting with ``log_`` are only logged).
+    ``trainable`` holds its own parameters (the optimizer trains them, checkpoints keep them);
+    ``generator`` is the random stream it draws from, or None: checkpoints keep its state so a
+    resumed run draws what an uninterrupted one would.
+    """
+
+    trainable: nn.Module
+    generator: torch.Generator | None
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor,
+                 step: int) -> dict[str, torch.Tensor]: ...
+
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mecqtk.mec import MECSchedule, MixtureCodingLength, coding_length, grouped_mec_loss, mec_loss
-from mecqtk.recipe.schema import DistillConfig, MECConfig
+from mecqtk.recipe.schema import DistillConfig, MECConfig, Recipe
+from mecqtk.train.loop import LossTerm
 from mecqtk.train.taps import POOLED, FeatureTap, attach_tap, classifier_input, find_node, rows
 from mecqtk.train.teacher import Teacher
 
@@ -63,13 +64,13 @@ class MECTerm:
     ) -> None:
         self.config = config
         self.student = student
-        self.student_tap = self._tap(student_graph, quantized=True)
+        self.student_tap = self._tap(student_graph)
         self.teacher = teacher
         self.teacher_tap: FeatureTap | None = None
         if config.view == "teacher":
             if teacher is None:
                 raise ValueError("mec.view 'teacher' needs the float teacher")
-            self.teacher_tap = self._tap(teacher.graph, quantized=False)
+            self.teacher_tap = self._tap(teacher.graph)
         with torch.no_grad():
             was_training = student_graph.training
             student_graph.eval()
@@ -96,12 +97,9 @@ class MECTerm:
             self.trainable["mixture"] = self.mixture
         self.trainable.to(probe.device)
 
-    def _tap(self, gm: fx.GraphModule, quantized: bool) -> FeatureTap:
-        if self.config.tap == POOLED:
-            node = classifier_input(gm) if quantized else _teacher_pooled(gm)
-        else:
-            node = find_node(gm, self.config.tap)
-        return attach_tap(gm, node)
+    def _tap(self, gm: fx.GraphModule) -> FeatureTap:
+        tap = self.config.tap
+        return attach_tap(gm, classifier_input(gm) if tap == POOLED else find_node(gm, tap))
 
     def features(self, tap: FeatureTap) -> torch.Tensor:
         assert tap.value is not None, "the tapped model has not run on this batch"
@@ -143,24 +141,14 @@ class MECTerm:
         }
 
 
-def _teacher_pooled(gm: fx.GraphModule) -> fx.Node:
-    """In the float teacher: the input of the last Conv/Linear (same place as the student's)."""
-    modules = dict(gm.named_modules())
-    layers = [n for n in gm.graph.nodes if n.op == "call_module"
-              and isinstance(modules[n.target], nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d)]
-    source = layers[-1].args[0]
-    assert isinstance(source, fx.Node)
-    return source
-
-
 class DistillTerm:
     """weight * T^2 * KL(teacher || student) on logits softened by temperature T."""
-
-    trainable = nn.ModuleDict()
 
     def __init__(self, config: DistillConfig, teacher: Teacher) -> None:
         self.config = config
         self.teacher = teacher
+        self.trainable = nn.ModuleDict()  # nothing of its own to train: the teacher is frozen
+        self.generator: torch.Generator | None = None  # draws nothing at random
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor,
                 step: int) -> dict[str, torch.Tensor]:
@@ -169,3 +157,24 @@ class DistillTerm:
         kl = F.kl_div(F.log_softmax(logits / t, dim=1), target, log_target=True,
                       reduction="batchmean")
         return {"kd": self.config.weight * t * t * kl}
+
+
+def build_loss_terms(recipe: Recipe, float_model: nn.Module, qmodel: fx.GraphModule,
+                     student: nn.Module, steps_per_epoch: int, probe: torch.Tensor,
+                     device: torch.device) -> list[LossTerm]:
+    """The MEC and distillation terms the recipe asks for, sharing one frozen float teacher.
+
+    Example:
+        >>> terms = build_loss_terms(recipe, model, qmodel, qmodel, len(loader), probe, device)
+    """
+    needs_teacher = recipe.distill.enabled or (
+        recipe.mec.enabled and recipe.mec.view == "teacher")
+    teacher = Teacher(float_model, recipe.quant.leaf_modules).to(device) if needs_teacher else None
+    terms: list[LossTerm] = []
+    if recipe.mec.enabled:
+        terms.append(MECTerm(recipe.mec, student, qmodel, teacher, steps_per_epoch, probe,
+                             seed=recipe.train.seed))
+    if recipe.distill.enabled:
+        assert teacher is not None
+        terms.append(DistillTerm(recipe.distill, teacher))
+    return terms
