@@ -96,6 +96,21 @@ def test_distill_term_is_temperature_scaled_kl(setup):
     assert torch.allclose(out["kd"], expected, rtol=1e-4)
 
 
+def test_terms_own_their_trainable_parts_and_random_streams(setup):
+    model, qmodel, images = setup
+    teacher = Teacher(model)
+    config = DistillConfig(enabled=True, weight=1.0, temperature=2.0)
+    first, second = DistillTerm(config, teacher), DistillTerm(config, teacher)
+    assert first.trainable is not second.trainable  # not one ModuleDict shared by the class
+    first.trainable["extra"] = torch.nn.Linear(2, 2)
+    assert len(list(second.trainable.parameters())) == 0 and first.generator is None
+    mec = MECTerm(MECConfig(enabled=True, view="augmented", projector=8), qmodel, qmodel, None,
+                  10, images, seed=3)
+    # what a checkpoint keeps of each term (train.session): the MEC term's draws resume exactly
+    assert isinstance(mec.generator, torch.Generator) and mec.generator.initial_seed() == 3
+    assert sum(p.numel() for p in mec.trainable.parameters()) == 64 * 8 + 8
+
+
 def test_second_view_is_a_shifted_flipped_copy():
     images = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
     view = second_view(images, torch.Generator().manual_seed(0), pad=2)
