@@ -8,11 +8,13 @@ from typing import Literal
 import torch.fx as fx
 
 from mecqtk.quant.spec import QuantSpec
+from mecqtk.recipe.schema import OpKind as RuleOpKind
 
 META_KEY = "mecqtk"
 
-# "select": identity, slicing, zero padding ahead of a junction (see ops.selects_values)
-OpKind = Literal["conv", "linear", "matmul", "add", "cat", "pool", "select"]
+# The op kinds of the recipe's rules, and "select": identity, slicing, zero padding ahead of a
+# junction (see ops.selects_values), which no rule names.
+OpKind = Literal[RuleOpKind, "select"]
 
 
 @dataclass(frozen=True)

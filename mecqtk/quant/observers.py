@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from mecqtk.quant.arith import fake_quantize
+from mecqtk.quant.registry import register_observer
 
 # Activations can be large; a fixed-size random sample per batch keeps calibration memory flat
 # while still seeing every batch.
@@ -159,3 +160,9 @@ class MSEObserver(Observer):
             best_err = torch.where(better, err, best_err)
             best = (torch.where(better, scale, best[0]), torch.where(better, zero_point, best[1]))
         return best
+
+
+register_observer("minmax", MinMaxObserver)
+register_observer("percentile", PercentileObserver)
+register_observer("mse", MSEObserver)
+register_observer("lsq", LSQInitObserver)

@@ -1,4 +1,9 @@
-"""Quantizers and observers by name: what recipe keys ``quantizer:`` and ``observer:`` select."""
+"""Quantizers and observers by name: what recipe keys ``quantizer:`` and ``observer:`` select.
+
+This module imports nothing of mecqtk: the built-in classes register themselves where they are
+defined (:mod:`mecqtk.quant.quantizers`, :mod:`mecqtk.quant.observers`), and importing
+:mod:`mecqtk.quant` (which any import of this module does first) loads both.
+"""
 
 from __future__ import annotations
 
@@ -22,15 +27,3 @@ def register_quantizer(name: str) -> Callable[[type[T]], type[T]]:
 def register_observer(name: str, cls: type) -> None:
     OBSERVERS[name] = cls
 
-
-def _register_builtin() -> None:
-    from mecqtk.quant import observers
-
-    register_observer("minmax", observers.MinMaxObserver)
-    register_observer("percentile", observers.PercentileObserver)
-    register_observer("mse", observers.MSEObserver)
-    register_observer("lsq", observers.LSQInitObserver)
-    import mecqtk.quant.quantizers  # noqa: F401  (registers quantizers by decorator)
-
-
-_register_builtin()

@@ -11,29 +11,25 @@ from dataclasses import dataclass
 from typing import Literal
 
 from mecqtk.errors import RecipeError
+from mecqtk.quant.registry import OBSERVERS, QUANTIZERS
 from mecqtk.recipe.validate import constrained
 
 
 def _quantizer_names() -> list[str]:
-    from mecqtk.quant.registry import QUANTIZERS
-
-    return list(QUANTIZERS)
+    return list(QUANTIZERS)  # read when checked: quantizers registered later count too
 
 
 def _observer_names() -> list[str]:
-    from mecqtk.quant.registry import OBSERVERS
-
     return list(OBSERVERS)
 
 
 def _weight_capable(name: str) -> bool:
-    from mecqtk.quant.registry import QUANTIZERS
-
     return getattr(QUANTIZERS.get(name), "weight_capable", True)
 
 
 Granularity = Literal["per_tensor", "per_channel"]
 Signedness = Literal["auto", "signed", "unsigned"]
+# the kinds of op a recipe rule can name (graph.meta.OpKind adds the graph-internal "select")
 OpKind = Literal["conv", "linear", "matmul", "add", "cat", "pool"]
 
 
