@@ -24,24 +24,17 @@ import torch.fx as fx
 from torch import nn
 
 from mecqtk.errors import ExportError
+from mecqtk.graph.introspect import batchnorm_user
 
 INT32_LIMIT = 2**31 - 1
-BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def foldable_batchnorm(node: fx.Node, modules: dict[str, nn.Module],
                        channels: int) -> fx.Node | None:
-    """The eval-mode BatchNorm node that is the only user of ``node``, if it can be folded."""
-    if len(node.users) != 1:
-        return None
-    user = next(iter(node.users))
-    if user.op != "call_module":
-        return None
-    bn = modules[str(user.target)]
-    if (
-        not isinstance(bn, BATCHNORMS) or bn.training or bn.running_mean is None
-        or bn.num_features != channels
-    ):
+    """The BatchNorm node :func:`~mecqtk.graph.introspect.batchnorm_user` finds after ``node``,
+    when it is in eval mode (its running statistics are what it computes with)."""
+    user = batchnorm_user(node, modules, channels)
+    if user is None or modules[str(user.target)].training:
         return None
     return user
 

@@ -13,7 +13,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from mecqtk.graph.introspect import graph_modules
+from mecqtk.graph.introspect import batchnorm_user, graph_modules
 from mecqtk.graph.leaves import eager_layers
 from mecqtk.graph.meta import NodeQuant, OpKind, annotated_nodes, get_quant, graph_info, set_quant
 from mecqtk.graph.ops import (
@@ -296,12 +296,14 @@ class _Annotator:
 
     def _foldable_bn(self, node: fx.Node) -> str | None:
         """The BN this layer feeds, when it is the layer's only user and used nowhere else."""
-        users = list(node.users)
-        if len(users) != 1 or users[0].op != "call_module":
+        layer = self.modules[node.target]
+        channels = getattr(layer, "out_channels", getattr(layer, "out_features", -1))
+        bn_node = batchnorm_user(node, self.modules, channels)
+        if bn_node is None:
             return None
-        target = str(users[0].target)
+        target = str(bn_node.target)
         calls = sum(1 for n in self.gm.graph.nodes if n.op == "call_module" and n.target == target)
-        if calls != 1 or not can_fold(self.modules[node.target], self.modules[target]):
+        if calls != 1 or not can_fold(layer, self.modules[target]):
             return None
         return target
 

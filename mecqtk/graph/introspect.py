@@ -1,6 +1,7 @@
 """Questions asked of a prepared model, each answered once: which layers are quantized (in nested
 graphs and inside leaf modules too), which activation quantizer feeds each, which quantizers are
-there for activations and which for weights, and where the pooled features are.
+there for activations and which for weights, which BatchNorm a layer can absorb, and where the
+pooled features are.
 
 Graph passes, the convert stage, the report and the training terms all ask these; they call
 here instead of walking the model with rules of their own.
@@ -16,6 +17,7 @@ from torch import nn
 
 from mecqtk.graph.meta import NodeQuant, annotated_nodes, get_quant, graph_info
 from mecqtk.graph.ops import LAYER_KINDS, node_arguments, node_kind, preserves_grid
+from mecqtk.quant.bn_fold import BatchNorm
 from mecqtk.quant.modules import LayerKind, QuantizedLayer, layer_weight_quantizers
 from mecqtk.quant.quantizers import FakeQuantizer
 
@@ -204,6 +206,23 @@ def activation_quantizers(model: nn.Module) -> dict[str, FakeQuantizer]:
     weights = {id(q) for q in weight_quantizers(model).values()}
     return {name: module for name, module in model.named_modules()
             if isinstance(module, FakeQuantizer) and id(module) not in weights}
+
+
+def batchnorm_user(node: fx.Node, modules: dict[str, nn.Module],
+                   channels: int) -> fx.Node | None:
+    """The BatchNorm node that is ``node``'s only user, with running statistics over its
+    ``channels`` output channels: the BatchNorm a layer's weights can absorb. (Training folds it
+    only when the BN runs once and the layer's form is known, see
+    :func:`~mecqtk.quant.bn_fold.can_fold`; the export only in eval mode.)"""
+    if len(node.users) != 1:
+        return None
+    user = next(iter(node.users))
+    if user.op != "call_module":
+        return None
+    bn = modules[str(user.target)]
+    if not isinstance(bn, BatchNorm) or bn.running_mean is None or bn.num_features != channels:
+        return None
+    return user
 
 
 def pooled_features_node(gm: fx.GraphModule) -> fx.Node | None:

@@ -7,10 +7,9 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from mecqtk.quant.bn_fold import BatchNorm
 from mecqtk.quant.modules import QuantizedLayer, layer_weight_quantizers
 from mecqtk.quant.quantizers import FakeQuantizer, Mode
-
-BatchNorm = nn.modules.batchnorm._BatchNorm
 
 
 def has_initial_statistics(bn: nn.Module) -> bool:

@@ -10,6 +10,7 @@ from torch import nn
 from mecqtk.graph import prepare, trace
 from mecqtk.graph.introspect import (
     activation_quantizers,
+    batchnorm_user,
     feeding_quantizer,
     pooled_features_node,
     quantized_layers,
@@ -111,3 +112,25 @@ def test_student_and_teacher_pool_features_at_the_same_place():
     in_student, in_teacher = pooled_features_node(student), pooled_features_node(teacher)
     assert in_student.target.startswith("aq_")  # the quantized features the classifier reads
     assert in_student.args[0].name == in_teacher.name == "flatten"
+
+
+class _ConvBN(nn.Module):
+    def __init__(self, shared: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.shared = shared
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.bn(y) + y if self.shared else self.bn(y)
+
+
+def test_a_batchnorm_folds_only_as_the_layers_sole_user_over_its_channels():
+    for shared in (False, True):
+        gm = trace(_ConvBN(shared))
+        conv = next(n for n in gm.graph.nodes if n.target == "conv")
+        modules = dict(gm.named_modules())
+        found = batchnorm_user(conv, modules, channels=4)
+        assert (found.target if found else None) == (None if shared else "bn")
+        assert batchnorm_user(conv, modules, channels=5) is None
