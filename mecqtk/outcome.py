@@ -1,6 +1,6 @@
-"""The end stages of `mecqtk quantize` (export + verify, report) run so that a failure in them
-never loses the trained run: each returns an outcome that summary.json records, instead of
-raising past the code that writes the summary.
+"""What a quantize run produced (:class:`RunSummary`, summary.json), and its end stages (export +
+verify, report), run so that a failure in them never loses the trained run: each returns an
+outcome that summary.json records, instead of raising past the code that writes the summary.
 
 A failed stage still fails the command: :class:`IncompleteRunError` is raised after every file
 of the run folder has been written, with one line naming what failed and how to retry.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
@@ -23,8 +23,6 @@ from mecqtk.rundir import STAGE_ERROR_LOG, RunDir
 
 if TYPE_CHECKING:
     import torch
-
-    from mecqtk.run import RunSummary
 
 Status = Literal["verified", "written", "failed", "skipped", "pending"]
 
@@ -59,6 +57,32 @@ class StageOutcome:
     def as_json(self) -> dict[str, Any]:
         data = {k: v for k, v in asdict(self).items() if k != "details" and v is not None}
         return {**data, **(self.details or {})}
+
+
+@dataclass
+class RunSummary:
+    """What `mecqtk quantize` reports and summary.json holds: scores, and each end stage's
+    outcome."""
+
+    model: str
+    recipe: str
+    fp_top1: float
+    quant_top1: float
+    epochs: int
+    wall_seconds: float
+    out: str
+    calibrated_top1: float | None = None
+    resumed_from_step: int | None = None
+    world_size: int = 1
+    history: list[dict[str, Any]] = field(default_factory=list)
+    # "export" and "report": what the end stages did (verified / written / failed / skipped)
+    stages: dict[str, StageOutcome] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        keys = ("model", "recipe", "fp_top1", "quant_top1", "epochs", "wall_seconds", "out",
+                "calibrated_top1", "resumed_from_step", "world_size")
+        return {**{k: getattr(self, k) for k in keys},
+                **{stage: outcome.as_json() for stage, outcome in self.stages.items()}}
 
 
 def export_stage(run_dir: Path, data: str, n: int | None, show_progress: bool,

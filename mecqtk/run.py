@@ -13,9 +13,8 @@ from __future__ import annotations
 import itertools
 import random
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -24,7 +23,7 @@ import mecqtk
 from mecqtk.device import resolve_device
 from mecqtk.errors import MecqtkError
 from mecqtk.graph import prepare
-from mecqtk.outcome import StageOutcome, end_stages, fail_training
+from mecqtk.outcome import RunSummary, end_stages, fail_training
 from mecqtk.progress import say
 from mecqtk.quant.arith import use_compiled_kernels
 from mecqtk.quant.calibrate import calibrate
@@ -62,29 +61,6 @@ class QuantizeOptions:
     report: bool = True
     report_images: int = 500
     export: bool = True
-
-
-@dataclass
-class RunSummary:
-    model: str
-    recipe: str
-    fp_top1: float
-    quant_top1: float
-    epochs: int
-    wall_seconds: float
-    out: str
-    calibrated_top1: float | None = None
-    resumed_from_step: int | None = None
-    world_size: int = 1
-    history: list[dict[str, Any]] = field(default_factory=list)
-    # "export" and "report": what the end stages did (verified / written / failed / skipped)
-    stages: dict[str, StageOutcome] = field(default_factory=dict)
-
-    def as_json(self) -> dict[str, Any]:
-        keys = ("model", "recipe", "fp_top1", "quant_top1", "epochs", "wall_seconds", "out",
-                "calibrated_top1", "resumed_from_step", "world_size")
-        return {**{k: getattr(self, k) for k in keys},
-                **{stage: outcome.as_json() for stage, outcome in self.stages.items()}}
 
 
 def quantize(options: QuantizeOptions) -> RunSummary:

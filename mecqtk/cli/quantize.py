@@ -14,7 +14,7 @@ from mecqtk.cli.render import render_summary
 from mecqtk.errors import IncompleteRunError
 
 if TYPE_CHECKING:
-    from mecqtk.run import RunSummary
+    from mecqtk.outcome import RunSummary
 
 
 def without_nproc(argv: list[str]) -> list[str]:

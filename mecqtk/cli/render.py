@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from mecqtk.run import RunSummary
+    from mecqtk.outcome import RunSummary
 
 
 def render_summary(summary: RunSummary, console: Console | None = None) -> None:
