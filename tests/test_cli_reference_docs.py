@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -9,7 +10,10 @@ import pytest
 from click.testing import CliRunner
 
 from mecqtk.cli import main
-from mecqtk.cli.reference import (
+
+# the renderer is a tool (tools/cli_reference.py), not part of the library
+sys.path.append(str(Path(__file__).resolve().parents[1] / "tools"))
+from cli_reference import (
     HELP_WIDTH,
     REGENERATE_COMMAND,
     command_helps,

@@ -23,8 +23,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def generated_pages() -> dict[Path, Callable[[], str]]:
     """Each generated page and the function that renders it."""
-    from mecqtk.cli.reference import render_cli_reference
-    from mecqtk.recipe.reference import render_reference
+    from cli_reference import render_cli_reference  # tools/, beside this script
+    from recipe_reference import render_reference
 
     return {
         REPO_ROOT / "docs" / "recipes.md": render_reference,

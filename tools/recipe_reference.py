@@ -7,7 +7,9 @@ registries; the bundled-recipe table comes from ``recipes/``. Only the prose aro
 layer rules resolve, the example) is written here.
 
 Regenerate with ``python tools/gen_docs.py`` (all generated pages) or
-``python -m mecqtk.recipe.reference > docs/recipes.md``.
+``python tools/recipe_reference.py > docs/recipes.md``. It lives with the tools, not in the
+library: it reads the graph package too (for the rules example), which the recipe package
+below it must not import.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
+from mecqtk.graph.rules import resolve, rule_applies
+from mecqtk.quant.registry import OBSERVERS, QUANTIZERS
 from mecqtk.recipe.loader import bundled_recipe_dir, bundled_recipes, load_recipe, recipe_from_dict
 from mecqtk.recipe.schema import LayerRule, OpKind, QuantizerConfig, Recipe
 from mecqtk.recipe.validate import describe_range, to_data
@@ -217,9 +221,6 @@ def _spec_words(config: QuantizerConfig | None) -> str:
 
 
 def _example_resolution() -> list[str]:
-    # imported here: mecqtk.graph imports this package (a cycle at import time) and timm
-    from mecqtk.graph.rules import resolve, rule_applies
-
     quant = recipe_from_dict(yaml.safe_load(RULES_EXAMPLE)).quant
     lines = ["| layer / op | kind | matching rules | weight | input |", "|---|---|---|---|---|"]
     for name, kind, position in EXAMPLE_NODES:
@@ -298,8 +299,6 @@ def _render_rules(rules: tuple[LayerRule, ...], path: str, doc: str, level: int)
 
 
 def _registry_lines() -> list[str]:
-    from mecqtk.quant.registry import OBSERVERS, QUANTIZERS
-
     def summary(cls: type) -> str:
         return inspect.cleandoc(cls.__doc__ or "").split("\n\n")[0].replace("\n", " ") \
             .replace("``", "`")
@@ -362,7 +361,7 @@ def render_reference() -> str:
     """docs/recipes.md: every recipe key with its type, allowed values, default and meaning.
 
     Example:
-        >>> from mecqtk.recipe.reference import render_reference
+        >>> from recipe_reference import render_reference
         >>> "`quant.weight.bits`" in render_reference()
         True
     """

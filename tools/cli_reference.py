@@ -2,7 +2,7 @@
 ``--help`` prints, for every command and subcommand.
 
 Regenerate with ``python tools/gen_docs.py`` (all generated pages) or
-``python -m mecqtk.cli.reference > docs/cli.md``.
+``python tools/cli_reference.py > docs/cli.md``.
 """
 
 from __future__ import annotations
