@@ -12,8 +12,11 @@ import torch
 import torch.fx as fx
 import yaml
 
+import mecqtk
 from mecqtk.errors import MecqtkError, ModelError
+from mecqtk.graph.pipeline import prepare
 from mecqtk.io import atomic_write_json, atomic_write_text
+from mecqtk.models import create_model
 from mecqtk.recipe import Recipe, dump_recipe, recipe_from_dict
 
 RECIPE = "recipe.yaml"
@@ -141,9 +144,6 @@ def load_quantized_model(
     Example:
         >>> qmodel, info, recipe = load_quantized_model("runs/r20_w4a4")
     """
-    from mecqtk.graph import prepare
-    from mecqtk.models import create_model
-
     run_dir = RunDir(run)
     run_dir.require()
     info = run_dir.read_info()
@@ -154,8 +154,6 @@ def load_quantized_model(
     try:
         qmodel.load_state_dict(state["state_dict"])
     except RuntimeError as err:
-        import mecqtk
-
         # quantizer layouts change between releases (cifar_resnet20's shortcuts after 0.1.0)
         older = (f" (the run was made by mecqtk {info.mecqtk_version}, this is "
                  f"{mecqtk.__version__}: train it again, or export it with that version)"

@@ -24,7 +24,7 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mecqtk.graph.doctor import DEFAULT_STEPS, DoctorResult, check_model, doctor  # noqa: E402
+from mecqtk.doctor import DEFAULT_STEPS, DoctorResult, check_model, doctor  # noqa: E402
 from mecqtk.graph.zoo import COVERAGE_MODELS, small_model  # noqa: E402
 
 

@@ -29,7 +29,7 @@ def doctor_command(model: str, recipe: str | None, image_size: int | None, steps
     Example:
       mecqtk doctor --model convnext_atto --recipe w2a2_lsq.yaml --steps 5 --json
     """
-    from mecqtk.graph.doctor import doctor
+    from mecqtk.doctor import doctor
 
     result = doctor(model, recipe, image_size=image_size, steps=steps)
     if as_json:

@@ -52,6 +52,6 @@ def explain_command(model: str, recipe: str) -> None:
       mecqtk recipe explain --model resnet18 --recipe w2a2_lsq.yaml
     """
     from mecqtk.cli.render_graph import render_explanation
-    from mecqtk.graph.doctor import explain
+    from mecqtk.doctor import explain
 
     render_explanation(explain(model, recipe))

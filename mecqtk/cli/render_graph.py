@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from mecqtk.graph.doctor import DoctorResult, Explanation
+from mecqtk.doctor import DoctorResult, Explanation
 from mecqtk.graph.report import QuantReport
 
 

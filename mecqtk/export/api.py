@@ -13,7 +13,19 @@ import torch
 import torch.fx as fx
 
 from mecqtk.errors import ExportError
+from mecqtk.export.convert import convert
 from mecqtk.export.manifest import Manifest, manifest_path_for, sha256_of
+from mecqtk.export.onnx_export import (
+    activation_entries,
+    compact_metadata,
+    float_adds_of_codes,
+    global_average_pools,
+    hold_requantized_codes,
+    pack_weights,
+    quantizer_twins,
+    torch_onnx_export,
+    weight_entries,
+)
 from mecqtk.export.verify import LayerAgreement, VerifyReport, _CodeRecorder, compare
 from mecqtk.graph.introspect import activation_quantizers
 from mecqtk.io import atomic_write_bytes
@@ -168,20 +180,6 @@ def export_model(
         raise ExportError(
             f"opset {chosen} is outside {MIN_OPSET}..{onnx.defs.onnx_opset_version()}"
         )
-    # the convert stage imports this package's helpers: imported here, not at module load
-    from mecqtk.convert import convert
-    from mecqtk.export.onnx_export import (
-        activation_entries,
-        compact_metadata,
-        float_adds_of_codes,
-        global_average_pools,
-        hold_requantized_codes,
-        pack_weights,
-        quantizer_twins,
-        torch_onnx_export,
-        weight_entries,
-    )
-
     needed = default_opset(gm, export_format)
     if chosen < needed:
         raise ExportError(f"the {export_format} format of this model needs opset {needed} "

@@ -1,4 +1,4 @@
-"""The deploy-form model (:mod:`mecqtk.convert`) to ONNX with ``torch.onnx.export(dynamo=True)``.
+"""The deploy-form model (:mod:`mecqtk.export.convert`) to ONNX with torch.onnx (dynamo).
 
 torch.onnx lowers every float operation; mecqtk only translates its two operators
 (:mod:`mecqtk.export.translate`). Afterwards the file is post-processed:
@@ -25,8 +25,8 @@ import torch
 from onnx import helper, numpy_helper
 from torch import nn
 
-from mecqtk.convert import DeployLayer, FrozenQuantizer
 from mecqtk.errors import ExportError
+from mecqtk.export.convert import DeployLayer, FrozenQuantizer
 from mecqtk.export.manifest import TensorEntry
 from mecqtk.export.translate import translation_table
 from mecqtk.export.weights import storage_dtype

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import onnx
 
+from mecqtk.data import build_data
 from mecqtk.errors import ExportError
 from mecqtk.export.api import (
     EXPORT_FORMATS,
@@ -63,8 +64,6 @@ def export_run(
     }
     probe = None
     if data is not None:
-        from mecqtk.data import build_data
-
         bundle = build_data(data, model=gm, batch_size=PROBE_IMAGES, limit_train=1,
                             limit_val=PROBE_IMAGES, seed=0)
         if tuple(bundle.input_size) != tuple(info.input_size):
@@ -138,8 +137,6 @@ def verify_run(
         >>> report = verify_run("runs/r20_w2a2", "imagefolder:../shared/data/cifar10-jpeg")
         >>> report.top1_agreement_pct >= 99.5
     """
-    from mecqtk.data import build_data
-
     model_path, run = resolve_target(target, run_dir, export_format)
     model = load_onnx(model_path)
     manifest = read_manifest(manifest_path_for(model_path))

@@ -1,6 +1,7 @@
 """Graph rewriting with torch.fx: trace -> annotate (policy) -> insert (mechanics).
 
-See docs/design.md for the pass pipeline. ``mecqtk.graph.doctor`` holds ``explain``/``doctor``.
+See docs/design.md for the pass pipeline. ``mecqtk.doctor`` (above this package) holds
+``explain``/``doctor``.
 """
 
 from mecqtk.graph.annotate import annotate, annotate_model

@@ -8,8 +8,8 @@ import torch
 from export_nets import INPUT_SHAPE, images, quantized
 
 import mecqtk
-from mecqtk.convert import DeployLayer, FrozenQuantizer, convert
 from mecqtk.export import snap_biases
+from mecqtk.export.convert import DeployLayer, FrozenQuantizer, convert
 from mecqtk.graph.zoo import small_model
 from mecqtk.quant.arith import fake_quantize
 from mecqtk.quant.quantizers import FakeQuantizer

@@ -15,7 +15,7 @@ import math
 import pytest
 from torch import nn
 
-from mecqtk.graph.doctor import DEFAULT_STEPS, check_model
+from mecqtk.doctor import DEFAULT_STEPS, check_model
 from mecqtk.graph.zoo import COVERAGE_MODELS, small_model
 from mecqtk.quant.modules import is_quantizable_layer
 

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from torch import nn
 
 from mecqtk.cli import main
-from mecqtk.graph.doctor import check_model
+from mecqtk.doctor import check_model
 from mecqtk.recipe import recipe_from_dict
 
 

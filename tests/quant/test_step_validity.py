@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 import mecqtk
+from mecqtk import doctor as doctor_module
 from mecqtk.data import build_data
-from mecqtk.graph import doctor as doctor_module
-from mecqtk.graph.doctor import check_model
+from mecqtk.doctor import check_model
 from mecqtk.quant.arith import fake_quantize
 from mecqtk.quant.calibrate import has_initial_statistics, settle_batchnorm
 from mecqtk.quant.quantizers import (

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import timm
 import torch
 from torch import nn
 
@@ -21,6 +22,7 @@ from mecqtk.errors import GraphError
 from mecqtk.graph.introspect import quantized_layers
 from mecqtk.graph.pipeline import prepare
 from mecqtk.graph.report import QuantReport, quant_report
+from mecqtk.models import create_model
 from mecqtk.quant.calibrate import calibrate
 from mecqtk.quant.quantizers import FakeQuantizer, first_invalid_step, keep_steps_valid
 from mecqtk.recipe import Recipe, load_recipe
@@ -39,10 +41,6 @@ CHECK_WEIGHT_OBSERVER = "minmax"
 
 def build_model(name: str) -> nn.Module:
     """A timm (or mecqtk CIFAR) model by name, randomly initialised, with its default classes."""
-    import timm
-
-    from mecqtk.models import create_model
-
     cfg = timm.models.get_pretrained_cfg(name, allow_unregistered=True)
     num_classes = getattr(cfg, "num_classes", None) or 1000
     return create_model(name, num_classes=num_classes)
