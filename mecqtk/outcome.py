@@ -108,16 +108,19 @@ def export_stage(run_dir: Path, data: str, n: int | None, show_progress: bool,
         "torch_top1_pct": report.torch_top1_pct,
         "max_abs_logit_diff": report.max_abs_logit_diff,
         "images": report.n,
-        "torch_batch1_agreement_pct": report.torch_batch1_agreement_pct,
+        "deploy_top1_agreement_pct": report.deploy_top1_agreement_pct,
+        "model_deploy_top1_agreement_pct": report.model_deploy_top1_agreement_pct,
     }
     say(f"ONNX {exported.model_path}: top-1 agreement {report.top1_agreement_pct:.2f} % "
         f"(needs {threshold_pct:g} %), onnx top-1 {report.onnx_top1_pct:.2f} %, "
         f"max |dlogit| {report.max_abs_logit_diff:.3g}")
     if report.top1_agreement_pct >= threshold_pct:
         return StageOutcome("verified", details=details)
-    noise = ("" if report.torch_batch1_agreement_pct is None else
-             f"; PyTorch itself agrees with its batch-1 run on "
-             f"{report.torch_batch1_agreement_pct:.1f} %")
+    noise = ("" if report.deploy_top1_agreement_pct is None
+             or report.model_deploy_top1_agreement_pct is None else
+             f"; it agrees with its deploy form on {report.deploy_top1_agreement_pct:.2f} %, and "
+             f"the deploy form (BN folded) with the trained model on "
+             f"{report.model_deploy_top1_agreement_pct:.2f} %")
     return StageOutcome(
         "failed",
         reason=(f"the ONNX file agrees with the trained model on {report.top1_agreement_pct:.2f} "

@@ -37,6 +37,7 @@ sys.path.insert(0, str(REPO))
 
 import mecqtk  # noqa: E402
 from mecqtk.export import compare, export_model, snap_biases  # noqa: E402
+from mecqtk.export.convert import convert  # noqa: E402
 from mecqtk.graph.zoo import COVERAGE_MODELS, FURTHER_MODELS, small_model  # noqa: E402
 from mecqtk.models.input_fit import fit_model_to_images  # noqa: E402
 from mecqtk.recipe.loader import recipe_from_dict  # noqa: E402
@@ -58,7 +59,8 @@ class Row:
     reason: str = ""
     top1_agreement_pct: float | None = None
     max_rel_logit_diff: float | None = None
-    torch_batch1_agreement_pct: float | None = None
+    deploy_top1_agreement_pct: float | None = None
+    model_deploy_top1_agreement_pct: float | None = None
     integer_kernel_fraction: float | None = None
     integer_nodes: int = 0
     float_nodes: int = 0
@@ -150,10 +152,11 @@ def run_one(name: str, bits: int, n: int, folder: Path) -> Row:
         row.exported = True
         row.file_bytes = path.stat().st_size
         batches = list(zip(test.split(64), labels.split(64), strict=True))
-        report = compare(gm, exported, manifest, batches, threads=1)
+        report = compare(gm, exported, manifest, batches, threads=1, deploy=convert(gm)[0])
         row.top1_agreement_pct = report.top1_agreement_pct
         row.max_rel_logit_diff = report.max_rel_logit_diff
-        row.torch_batch1_agreement_pct = report.torch_batch1_agreement_pct
+        row.deploy_top1_agreement_pct = report.deploy_top1_agreement_pct
+        row.model_deploy_top1_agreement_pct = report.model_deploy_top1_agreement_pct
         row.integer_nodes, row.float_nodes = integer_kernels(path)
         total = row.integer_nodes + row.float_nodes
         row.integer_kernel_fraction = row.integer_nodes / total if total else None
@@ -184,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     console = Console(width=160)
     table = Table(title=f"mecqtk export coverage ({args.n} real CIFAR-10 test images)")
-    for column in ("model", "bits", "exported", "top-1 agree %", "torch batch-1 agree %",
+    for column in ("model", "bits", "exported", "top-1 agree %", "vs deploy %", "deploy vs model %",
                    "max |dlogit|/range",
                    "integer kernels", "size KB", "s", "reason"):
         table.add_column(column)
@@ -206,8 +209,10 @@ def main(argv: list[str] | None = None) -> int:
                     name, f"W{bits}A{bits}",
                     "[green]yes[/green]" if row.exported else "[red]no[/red]",
                     "" if row.top1_agreement_pct is None else f"{row.top1_agreement_pct:.1f}",
-                    "" if row.torch_batch1_agreement_pct is None
-                    else f"{row.torch_batch1_agreement_pct:.1f}",
+                    "" if row.deploy_top1_agreement_pct is None
+                    else f"{row.deploy_top1_agreement_pct:.1f}",
+                    "" if row.model_deploy_top1_agreement_pct is None
+                    else f"{row.model_deploy_top1_agreement_pct:.1f}",
                     "" if row.max_rel_logit_diff is None else f"{row.max_rel_logit_diff:.2e}",
                     "" if row.integer_kernel_fraction is None
                     else f"{row.integer_nodes}/{row.integer_nodes + row.float_nodes}",

@@ -47,11 +47,11 @@ def render_verify(report: VerifyReport, all_layers: bool = False,
 
 
 def _reproducibility(report: VerifyReport) -> str:
-    if report.torch_batch1_agreement_pct is None:
+    if report.deploy_top1_agreement_pct is None or report.model_deploy_top1_agreement_pct is None:
         return ""
-    return (f"PyTorch one image at a time agrees with its batched run on "
-            f"{report.torch_batch1_agreement_pct:.1f} % of top-1 decisions (below 100 %: "
-            f"rounding ties alone move this model's decisions)\n")
+    return (f"onnx vs the deploy form it was exported from: "
+            f"{report.deploy_top1_agreement_pct:.2f} % top-1 agreement; deploy form (BN folded, "
+            f"int32 biases) vs the trained model: {report.model_deploy_top1_agreement_pct:.2f} %\n")
 
 
 @click.command("verify")

@@ -21,6 +21,7 @@ from mecqtk.export.api import (
     export_model,
     save_export,
 )
+from mecqtk.export.convert import convert
 from mecqtk.export.manifest import Manifest, manifest_path_for, read_manifest, sha256_of
 from mecqtk.export.session import load_onnx
 from mecqtk.export.verify import DEFAULT_THRESHOLD_PCT, VerifyReport, compare
@@ -155,7 +156,7 @@ def verify_run(
         )
     with progress_bar("verify", len(bundle.val_loader), show_progress) as advance:
         report = compare(gm, model, manifest, bundle.val_loader, threshold_pct=threshold_pct,
-                         threads=threads, limit=n, progress=advance)
+                         threads=threads, limit=n, progress=advance, deploy=convert(gm)[0])
     report.model_path = str(model_path)
     report.data = data
     atomic_write_json(model_path.parent / VERIFY_FILE, report.as_json())

@@ -25,9 +25,6 @@ from mecqtk.export.session import make_session, with_code_outputs
 from mecqtk.export.snap import bias_grids
 
 DEFAULT_THRESHOLD_PCT = 99.0
-# Images the PyTorch model also runs one at a time: how often it agrees with its own batched run
-# says how far rounding ties alone move this model's top-1 decisions.
-REPRODUCIBILITY_IMAGES = 64
 # A bias further than this (in accumulator units) from its int32 grid was not snapped.
 OFF_GRID_UNITS = 0.05
 
@@ -78,7 +75,8 @@ class VerifyReport:
     diagnostic_matches_deployed: bool
     seconds: float
     off_grid_bias_layers: int = 0
-    torch_batch1_agreement_pct: float | None = None
+    deploy_top1_agreement_pct: float | None = None
+    model_deploy_top1_agreement_pct: float | None = None
     model_path: str = ""
     data: str = ""
     environment: dict[str, Any] = field(default_factory=dict)
@@ -164,12 +162,17 @@ def compare(
     threads: int = 2,
     limit: int | None = None,
     progress: Callable[[], None] | None = None,
+    deploy: nn.Module | None = None,
 ) -> VerifyReport:
     """Compare ``model`` in onnxruntime with ``gm`` on ``batches`` of (images, labels).
 
     Logits and top-1 come from the model as deployed; the integer codes come from a copy that
     also outputs them (``diagnostic_matches_deployed`` says whether their logits were identical
-    on the first batch). ``progress`` is called once per batch.
+    on the first batch). ``progress`` is called once per batch. With ``deploy`` (the convert
+    stage's output for ``gm``) the report also says how often onnxruntime agrees with the deploy
+    form it was exported from, and how often the deploy form agrees with ``gm``: when the file
+    misses the model but matches its deploy form, the difference comes from the convert stage's
+    float arithmetic (BatchNorm folded into the weight scales, biases on the int32 grid).
 
     Example:
         >>> report = compare(qmodel, onnx.load("model.onnx"), manifest, loader, limit=1000)
@@ -193,7 +196,7 @@ def compare(
     layers = {e.layer: LayerAgreement(e.layer, e.bits) for e in entries}
     totals = _Totals()
     matches = True
-    single_seen = single_agree = 0
+    onnx_deploy_agree = model_deploy_agree = 0
     for index, (images, labels) in enumerate(batches):
         if limit is not None and totals.n >= limit:
             break
@@ -206,11 +209,10 @@ def compare(
         torch_logits = recorder.run(images.float().cpu()).numpy()
         if index == 0:
             matches = bool(np.array_equal(results[0], onnx_logits))
-        single_left = REPRODUCIBILITY_IMAGES - single_seen
-        if single_left > 0:
-            single_agree += _batch1_agreeing(gm, images[:single_left].float().cpu(),
-                                             torch_logits)
-            single_seen += min(single_left, len(images))
+        if deploy is not None:
+            deploy_top = deploy(images.float().cpu()).numpy().argmax(1)
+            onnx_deploy_agree += int((onnx_logits.argmax(1) == deploy_top).sum())
+            model_deploy_agree += int((torch_logits.argmax(1) == deploy_top).sum())
         totals.add(onnx_logits, torch_logits, labels.cpu().numpy())
         for entry, onnx_codes in zip(entries, results[1:], strict=True):
             _add_layer(layers[entry.layer], entry, onnx_codes, recorder.codes[entry.layer])
@@ -234,21 +236,15 @@ def compare(
         layers=ordered,
         diagnostic_matches_deployed=matches,
         seconds=time.perf_counter() - started,
-        torch_batch1_agreement_pct=100.0 * single_agree / max(single_seen, 1),
+        deploy_top1_agreement_pct=(None if deploy is None
+                                   else 100.0 * onnx_deploy_agree / totals.n),
+        model_deploy_top1_agreement_pct=(None if deploy is None
+                                         else 100.0 * model_deploy_agree / totals.n),
         off_grid_bias_layers=(sum(g.off_grid_units > OFF_GRID_UNITS for g in bias_grids(gm))
                               if isinstance(gm, fx.GraphModule) else 0),
         environment={"onnxruntime": ort.__version__, "torch": torch.__version__,
                      "threads": threads},
     )
-
-
-def _batch1_agreeing(gm: nn.Module, images: torch.Tensor, batched: np.ndarray) -> int:
-    """How many of ``images`` get the same top-1 from ``gm`` run one image at a time as in its
-    batched logits. PyTorch picks other kernels at batch 1, so values at a rounding boundary of
-    a quantizer land on either side: below 100 % the model's own decisions move under float
-    reordering, and onnxruntime cannot be expected to agree more often."""
-    single = torch.cat([gm(image[None]) for image in images]).numpy()
-    return int((single.argmax(1) == batched[: len(images)].argmax(1)).sum())
 
 
 def _add_layer(layer: LayerAgreement, entry: TensorEntry, onnx_codes: np.ndarray,

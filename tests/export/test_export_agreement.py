@@ -9,6 +9,7 @@ import torch
 from export_nets import INPUT_SHAPE, images, quantized
 
 from mecqtk.export import export_model
+from mecqtk.export.convert import convert
 from mecqtk.export.session import make_session
 from mecqtk.export.verify import compare
 
@@ -22,31 +23,14 @@ def _batches(count: int = 3, size: int = 32):
 def test_codes_agree_exactly_without_bias(plain_net, bits, export_format):
     gm = quantized(plain_net, bits, bits)
     model, manifest = export_model(gm, INPUT_SHAPE, export_format)
-    report = compare(gm, model, manifest, _batches(), threads=1)
+    report = compare(gm, model, manifest, _batches(), threads=1, deploy=convert(gm)[0])
     assert report.n == 96
     assert len(report.layers) >= 4
     assert [layer.differing for layer in report.layers] == [0] * len(report.layers)
     assert report.first_diverging_layer is None
     assert report.top1_agreement_pct == 100.0
     assert report.max_abs_logit_diff < 1e-6
-    assert report.torch_batch1_agreement_pct == 100.0  # 96 images also run one at a time
-
-
-def test_batch1_reproducibility_counts_disagreements():
-    from mecqtk.export.verify import _batch1_agreeing
-
-    class BatchSensitive(torch.nn.Module):
-        """Decides differently alone than in a batch: what a rounding tie does to a model."""
-
-        def forward(self, x):
-            logits = torch.zeros(len(x), 10)
-            logits[:, 1 if len(x) == 1 else 0] = 1.0
-            return logits
-
-    x = torch.randn(5, 3, 8, 8)
-    batched = BatchSensitive()(x).numpy()
-    assert _batch1_agreeing(BatchSensitive(), x, batched) == 0
-    assert _batch1_agreeing(torch.nn.Flatten(), x, torch.nn.Flatten()(x).numpy()) == 5
+    assert report.deploy_top1_agreement_pct == report.model_deploy_top1_agreement_pct == 100.0
 
 
 def test_eight_bit_codes_differ_only_by_rare_float_ties(plain_net):
