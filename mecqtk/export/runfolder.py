@@ -66,7 +66,7 @@ def export_run(
     probe = None
     if data is not None:
         bundle = build_data(data, model=gm, batch_size=PROBE_IMAGES, limit_train=1,
-                            limit_val=PROBE_IMAGES, seed=0)
+                            limit_val=PROBE_IMAGES, seed=0, input_size=info.input_size)
         if tuple(bundle.input_size) != tuple(info.input_size):
             raise ExportError(
                 f"--data yields {tuple(bundle.input_size)} images but the model takes "
