@@ -149,6 +149,7 @@ def export_model(
     opset: int | None = None,
     metadata: dict[str, str] | None = None,
     probe: torch.Tensor | None = None,
+    integer_adds: bool = False,
 ) -> tuple[onnx.ModelProto, Manifest]:
     """Convert a calibrated fake-quantized GraphModule to its deploy form, export it with
     ``torch.onnx.export`` and check the result in onnxruntime.
@@ -159,6 +160,9 @@ def export_model(
         export_format: ``qcdq`` (int8 containers) or ``packed`` (INT4/INT2 weight storage).
         opset: ONNX opset; None picks the lowest one the format needs (21 or 25).
         metadata: Extra model properties to store in the file.
+        integer_adds: Leave adds of two quantized tensors as ``Add``, which onnxruntime fuses
+            into its integer QLinearAdd: faster, but its fixed-point requantization moves some
+            codes by one (see docs/export.md, "Adds stay exact"). Off by default.
         probe: Images for the self-check (default: 16 random inputs at ``input_shape``). The
             first diverging activation may differ by one code on at most 0.5 % of its values,
             and top-1 agreement must reach 75 %.
@@ -192,7 +196,8 @@ def export_model(
     twins = quantizer_twins(deploy, probe_inputs[:2])
     tensors = activation_entries(model, deploy, fx_names, twins) + weight_entries(model, deploy)
     global_average_pools(model)
-    float_adds_of_codes(model)
+    if not integer_adds:
+        float_adds_of_codes(model)
     hold_requantized_codes(model)
     compact_metadata(model)
     if export_format == "packed":

@@ -48,6 +48,8 @@ def test_resnet18_runs_on_integer_kernels_only(bits, tmp_path, one_torch_thread)
     # requantizes in fixed point (see onnx_export.float_adds_of_codes); the ReLU after each add
     # folds into its QuantizeLinear. No float conv, ReLU or max pool survives.
     assert ops["Sum"] == 8 and "QLinearAdd" not in ops, ops
+    fused, _ = export_model(gm, SHAPE, "qcdq", integer_adds=True)  # the faster option
+    assert _optimised_ops(fused, tmp_path)["QLinearAdd"] == 8
     assert not {"Conv", "Add", "Relu", "MaxPool"} & set(ops), ops
     assert ops["NhwcMaxPool"] == 1, ops
     # the float round trips: the image's quantize, each add's two dequantizes and quantize, and
