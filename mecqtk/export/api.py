@@ -19,6 +19,7 @@ from mecqtk.export.onnx_export import (
     activation_entries,
     compact_metadata,
     float_adds_of_codes,
+    global_average_pools,
     hold_requantized_codes,
     pack_weights,
     quantizer_twins,
@@ -194,6 +195,7 @@ def export_model(
     check_convert(gm, deploy, probe_inputs)
     twins = quantizer_twins(deploy, probe_inputs[:2])
     tensors = activation_entries(model, deploy, fx_names, twins) + weight_entries(model, deploy)
+    global_average_pools(model)
     if not integer_adds:
         float_adds_of_codes(model)
     hold_requantized_codes(model)

@@ -229,6 +229,31 @@ def constant_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return constants
 
 
+def global_average_pools(model: onnx.ModelProto) -> int:
+    """ReduceMean over the two spatial axes of a 4-D tensor (keeping them) becomes
+    GlobalAveragePool, the same computation, which onnxruntime runs on uint8 codes between a
+    DequantizeLinear and a QuantizeLinear (QLinearGlobalAveragePool). Returns how many."""
+    constants = constant_values(model)
+    shapes = {v.name: len(v.type.tensor_type.shape.dim)
+              for v in [*model.graph.value_info, *model.graph.input]
+              if v.type.tensor_type.HasField("shape")}
+    replaced = 0
+    for index, node in enumerate(model.graph.node):
+        if node.op_type != "ReduceMean" or len(node.input) != 2 or shapes.get(node.input[0]) != 4:
+            continue
+        keep = next((a.i for a in node.attribute if a.name == "keepdims"), 1)
+        axes = constants.get(node.input[1])
+        if keep != 1 or axes is None or sorted(int(a) % 4 for a in axes.reshape(-1)) != [2, 3]:
+            continue
+        pool = helper.make_node("GlobalAveragePool", [node.input[0]], list(node.output),
+                                name=node.name)
+        pool.metadata_props.extend(node.metadata_props)
+        model.graph.node.remove(node)
+        model.graph.node.insert(index, pool)
+        replaced += 1
+    return replaced
+
+
 def float_adds_of_codes(model: onnx.ModelProto) -> int:
     """An Add of two dequantized tensors becomes the same Sum, which onnxruntime leaves in float.
 

@@ -52,13 +52,11 @@ def test_resnet18_runs_on_integer_kernels_only(bits, tmp_path, one_torch_thread)
     assert _optimised_ops(fused, tmp_path)["QLinearAdd"] == 8
     assert not {"Conv", "Add", "Relu", "MaxPool"} & set(ops), ops
     assert ops["NhwcMaxPool"] == 1, ops
-    # the float round trips: the image's quantize, each add's two dequantizes and quantize, the
-    # global average pool (a float ReduceMean: onnxruntime's QLinearGlobalAveragePool refuses
-    # some step ratios), and at 4 bits the requantization of the 8-bit residual stream for the
-    # 4-bit convs of the blocks with a shortcut add
-    assert ops["ReduceMean"] == 1, ops
-    assert ops["QuantizeLinear"] == 1 + 8 + 1 + (0 if bits == 8 else 5), ops
-    assert ops["DequantizeLinear"] == 16 + 1 + (0 if bits == 8 else 5), ops
+    # the float round trips: the image's quantize, each add's two dequantizes and quantize, and
+    # at 4 bits the requantization of the 8-bit residual stream for the 4-bit convs of the
+    # blocks with a shortcut add
+    assert ops["QuantizeLinear"] == 1 + 8 + (0 if bits == 8 else 5), ops
+    assert ops["DequantizeLinear"] == 16 + (0 if bits == 8 else 5), ops
 
     session = ort.InferenceSession(exported.SerializeToString(),
                                    providers=["CPUExecutionProvider"])
@@ -88,11 +86,10 @@ def test_cifar_resnet20_shortcuts_keep_the_integer_path(bits, tmp_path, one_torc
     assert ops["Pad"] == 2 and ops["Slice"] >= 2, ops
     # float round trips: the image's quantize; the two option-A shortcuts (onnxruntime runs
     # Slice and Pad between a DequantizeLinear and the convert stage's exact requantization);
-    # each of the 9 adds (two dequantizes, a float Sum, a quantize); the global average pool;
-    # and at 4 bits the requantization of each of the 9 blocks' 8-bit output for the next
-    # block's 4-bit conv
-    assert ops["QuantizeLinear"] == 1 + 2 + 9 + 1 + (0 if bits == 8 else 9), ops
-    assert ops["DequantizeLinear"] == 2 + 18 + 1 + (0 if bits == 8 else 9), ops
+    # each of the 9 adds (two dequantizes, a float Sum, a quantize); and at 4 bits the
+    # requantization of each of the 9 blocks' 8-bit output for the next block's 4-bit conv
+    assert ops["QuantizeLinear"] == 1 + 2 + 9 + (0 if bits == 8 else 9), ops
+    assert ops["DequantizeLinear"] == 2 + 18 + (0 if bits == 8 else 9), ops
 
     session = ort.InferenceSession(exported.SerializeToString(),
                                    providers=["CPUExecutionProvider"])
