@@ -220,6 +220,15 @@ def weight_entries(model: onnx.ModelProto, deploy: nn.Module) -> list[TensorEntr
     return entries
 
 
+def _replace_node(model: onnx.ModelProto, index: int, replacement: onnx.NodeProto) -> None:
+    """Put ``replacement`` in place of the node at ``index``, keeping its metadata (the module
+    that made it)."""
+    replaced = model.graph.node[index]
+    replacement.metadata_props.extend(replaced.metadata_props)
+    model.graph.node.remove(replaced)
+    model.graph.node.insert(index, replacement)
+
+
 def constant_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     """The value of every initializer and Constant node output, by tensor name."""
     constants = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
@@ -245,11 +254,8 @@ def global_average_pools(model: onnx.ModelProto) -> int:
         axes = constants.get(node.input[1])
         if keep != 1 or axes is None or sorted(int(a) % 4 for a in axes.reshape(-1)) != [2, 3]:
             continue
-        pool = helper.make_node("GlobalAveragePool", [node.input[0]], list(node.output),
-                                name=node.name)
-        pool.metadata_props.extend(node.metadata_props)
-        model.graph.node.remove(node)
-        model.graph.node.insert(index, pool)
+        _replace_node(model, index, helper.make_node(
+            "GlobalAveragePool", [node.input[0]], list(node.output), name=node.name))
         replaced += 1
     return replaced
 
@@ -269,10 +275,8 @@ def float_adds_of_codes(model: onnx.ModelProto) -> int:
     for index, node in enumerate(model.graph.node):
         if node.op_type != "Add" or not all(i in dequantized for i in node.input):
             continue
-        summed = helper.make_node("Sum", list(node.input), list(node.output), name=node.name)
-        summed.metadata_props.extend(node.metadata_props)
-        model.graph.node.remove(node)
-        model.graph.node.insert(index, summed)
+        _replace_node(model, index,
+                      helper.make_node("Sum", list(node.input), list(node.output), name=node.name))
         replaced += 1
     return replaced
 
