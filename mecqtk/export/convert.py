@@ -39,6 +39,7 @@ from mecqtk.export.weights import (
     foldable_batchnorm,
     layer_terms,
 )
+from mecqtk.graph.introspect import graph_modules
 from mecqtk.graph.ops import preserves_grid, selects_values
 from mecqtk.quant.layer_forms import WeightInterceptor, layer_form
 from mecqtk.quant.modules import QuantizedLayer
@@ -265,7 +266,8 @@ def convert(gm: nn.Module) -> tuple[nn.Module, ConvertReport]:
         raise ExportError("the model is in training mode; call .eval() before converting")
     deploy = copy.deepcopy(gm).cpu()
     report = ConvertReport(float_bias_layers=[])
-    graphs = [(name, m) for name, m in deploy.named_modules() if isinstance(m, fx.GraphModule)]
+    graphs = list(graph_modules(deploy)) if isinstance(deploy, fx.GraphModule) else [
+        (name, m) for name, m in deploy.named_modules() if isinstance(m, fx.GraphModule)]
     for prefix, graph_module in graphs:
         modules = dict(graph_module.named_modules())
         for node in list(graph_module.graph.nodes):

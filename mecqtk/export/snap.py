@@ -29,7 +29,7 @@ from mecqtk.export.weights import (
     foldable_batchnorm,
     layer_terms,
 )
-from mecqtk.graph.introspect import feeding_quantizer
+from mecqtk.graph.introspect import feeding_quantizer, graph_modules, qualified
 from mecqtk.quant.modules import QuantizedLayer
 from mecqtk.quant.quantizers import FakeQuantizer, Mode
 
@@ -66,7 +66,16 @@ def input_quantizer(node: fx.Node, modules: dict[str, nn.Module]) -> FakeQuantiz
 
 @torch.no_grad()
 def bias_grids(gm: fx.GraphModule) -> list[BiasGrid]:
-    """The int32 bias grid of every quantized layer whose input is quantized per tensor."""
+    """The int32 bias grid of every quantized layer whose input is quantized per tensor, in the
+    top graph and in every nested (leaf-interior) graph, as :func:`~mecqtk.export.convert.convert`
+    folds them."""
+    grids = []
+    for prefix, graph_module in graph_modules(gm):
+        grids.extend(_graph_bias_grids(graph_module, prefix))
+    return grids
+
+
+def _graph_bias_grids(gm: fx.GraphModule, prefix: str) -> list[BiasGrid]:
     modules = dict(gm.named_modules())
     grids = []
     for node in gm.graph.nodes:
@@ -76,8 +85,9 @@ def bias_grids(gm: fx.GraphModule) -> list[BiasGrid]:
         quantizer = input_quantizer(node, modules)
         if quantizer is None:
             continue
-        params = weight_params(layer.weight_quantizer, node.name)
-        terms = layer_terms(layer, node.name)
+        where = qualified(prefix, node.name)
+        params = weight_params(layer.weight_quantizer, where)
+        terms = layer_terms(layer, where)
         codes = weight_codes(layer.weight_quantizer, terms.weight)
         owner = terms.bias_owner
         bn = None
@@ -85,9 +95,9 @@ def bias_grids(gm: fx.GraphModule) -> list[BiasGrid]:
             bn_node = foldable_batchnorm(node, modules, codes.shape[0])
             if bn_node is not None:
                 owner = modules[str(bn_node.target)]
-                bn = BatchNormFold.from_module(bn_node.name, owner)
+                bn = BatchNormFold.from_module(qualified(prefix, bn_node.name), owner)
         folded = fold_layer(codes, params.scale, params.zero_point, terms.bias, bn,
-                            float(quantizer.step_size().item()), node.name,
+                            float(quantizer.step_size().item()), where,
                             shift=code_shift(params.grid.bits))
         if (folded.bias_codes is None or folded.bias_scale is None or folded.bias is None
                 or owner is None or getattr(owner, "bias", None) is None):
@@ -95,7 +105,7 @@ def bias_grids(gm: fx.GraphModule) -> list[BiasGrid]:
         target = folded.bias_codes.astype(np.float64) * folded.bias_scale.astype(np.float64)
         own = owner.bias.detach().double().cpu().numpy()
         kind = "layer" if owner is layer.layer else "batchnorm"
-        grids.append(BiasGrid(node.name, owner, kind, target, folded.bias,
+        grids.append(BiasGrid(where, owner, kind, target, folded.bias,
                               folded.bias_scale.astype(np.float64), folded.bias - own))
     return grids
 
