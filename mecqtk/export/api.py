@@ -19,6 +19,7 @@ from mecqtk.export.onnx_export import (
     activation_entries,
     compact_metadata,
     float_adds_of_codes,
+    float_biases_outside,
     global_average_pools,
     hold_requantized_codes,
     pack_weights,
@@ -198,6 +199,7 @@ def export_model(
     global_average_pools(model)
     if not integer_adds:
         float_adds_of_codes(model)
+    float_biases_outside(model)
     hold_requantized_codes(model)
     compact_metadata(model)
     if export_format == "packed":

@@ -238,21 +238,54 @@ def constant_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return constants
 
 
+# onnxruntime's QLinearGlobalAveragePool (MLAS) refuses, at run time, an input-to-output step
+# ratio s_in / (s_out * pixels) outside [2**-32, 256): "parameter out of computation range".
+_QLINEAR_POOL_RATIO = (2.0**-32, 256.0)
+
+
 def global_average_pools(model: onnx.ModelProto) -> int:
     """ReduceMean over the two spatial axes of a 4-D tensor (keeping them) becomes
     GlobalAveragePool, the same computation, which onnxruntime runs on uint8 codes between a
-    DequantizeLinear and a QuantizeLinear (QLinearGlobalAveragePool). Returns how many."""
+    DequantizeLinear and a QuantizeLinear (QLinearGlobalAveragePool). Returns how many.
+
+    A mean whose step ratio that kernel refuses stays a float ReduceMean (trained ghostnet_100
+    at W2A2: a squeeze-excitation mean over a 1x1 map with an output step far below the input's).
+    """
     constants = constant_values(model)
-    shapes = {v.name: len(v.type.tensor_type.shape.dim)
-              for v in [*model.graph.value_info, *model.graph.input]
-              if v.type.tensor_type.HasField("shape")}
+    dims = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in [*model.graph.value_info, *model.graph.input]
+            if v.type.tensor_type.HasField("shape")}
+    producers = {out: node for node in model.graph.node for out in node.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def step(node: onnx.NodeProto | None) -> float | None:
+        if node is None or node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            return None
+        scale = constants.get(node.input[1])
+        return float(scale.reshape(-1)[0]) if scale is not None and scale.size == 1 else None
+
+    def kernel_takes(node: onnx.NodeProto, shape: list[int]) -> bool:
+        after = consumers.get(node.output[0], [])
+        s_in = step(producers.get(node.input[0]))
+        s_out = step(after[0]) if len(after) == 1 else None
+        if s_in is None or s_out is None or len(shape) != 4 or 0 in shape[2:]:
+            return True  # not a quantized group: onnxruntime keeps the float kernel
+        ratio = s_in / (s_out * shape[2] * shape[3])
+        return _QLINEAR_POOL_RATIO[0] <= ratio < _QLINEAR_POOL_RATIO[1]
+
     replaced = 0
     for index, node in enumerate(model.graph.node):
-        if node.op_type != "ReduceMean" or len(node.input) != 2 or shapes.get(node.input[0]) != 4:
+        shape = dims.get(node.input[0]) if node.input else None
+        if node.op_type != "ReduceMean" or len(node.input) != 2 or shape is None or len(shape) != 4:
             continue
         keep = next((a.i for a in node.attribute if a.name == "keepdims"), 1)
         axes = constants.get(node.input[1])
         if keep != 1 or axes is None or sorted(int(a) % 4 for a in axes.reshape(-1)) != [2, 3]:
+            continue
+        if not kernel_takes(node, shape):
             continue
         _replace_node(model, index, helper.make_node(
             "GlobalAveragePool", [node.input[0]], list(node.output), name=node.name))
@@ -279,6 +312,45 @@ def float_adds_of_codes(model: onnx.ModelProto) -> int:
                       helper.make_node("Sum", list(node.input), list(node.output), name=node.name))
         replaced += 1
     return replaced
+
+
+def float_biases_outside(model: onnx.ModelProto) -> int:
+    """A Conv/Gemm whose bias stays float (off the int32 range, see
+    :func:`~mecqtk.export.weights.fold_layer`) adds it in a separate ``Sum``. Returns how many.
+
+    With the bias inside, onnxruntime fuses DequantizeLinear -> Conv -> QuantizeLinear into
+    QLinearConv and rounds the float bias to int32 itself, saturating it (trained ghostnet_100 at
+    W2A2: squeeze-excitation biases of 1e6..1e17 accumulator steps moved 10 % of the codes after
+    them by up to 3). Outside, the layer runs on float kernels and computes what the deploy form
+    computes; ``Sum`` is not folded back into the Conv as an ``Add`` would be.
+    """
+    constants = constant_values(model)
+    ranks = {i.name: len(i.dims) for i in model.graph.initializer}
+    producers = {out: node for node in model.graph.node for out in node.output}
+    moved = 0
+    for node in list(model.graph.node):
+        if node.op_type not in ("Conv", "Gemm") or len(node.input) != 3 or not node.input[2]:
+            continue
+        bias = constants.get(node.input[2])
+        if bias is None or bias.dtype != np.float32 or node.input[2] in producers:
+            continue
+        if node.op_type == "Conv":
+            weight = producers.get(node.input[1])
+            rank = ranks.get(weight.input[0]) if weight is not None else ranks.get(node.input[1])
+            if rank is None:
+                continue
+            bias = bias.reshape(-1, *[1] * (rank - 2))
+        shaped = f"{node.input[2]}.outside"
+        model.graph.initializer.append(numpy_helper.from_array(bias, shaped))
+        output = node.output[0]
+        node.output[0] = f"{output}.without_bias"
+        del node.input[2]
+        add = helper.make_node("Sum", [node.output[0], shaped], [output],
+                               name=f"{node.name}.bias")
+        add.metadata_props.extend(node.metadata_props)
+        model.graph.node.insert(list(model.graph.node).index(node) + 1, add)
+        moved += 1
+    return moved
 
 
 def hold_requantized_codes(model: onnx.ModelProto) -> int:

@@ -166,7 +166,8 @@ def fold_layer(
     if abs(bias_codes[worst]) > INT32_LIMIT // 2:
         # A near-zero BatchNorm factor (timm zero-initialises the last gamma of residual blocks)
         # makes the accumulator unit tiny: the bias stays float for this layer, which computes
-        # the same values; onnxruntime then runs this one layer on float kernels.
+        # the same values; this one layer then runs on float kernels (see
+        # onnx_export.float_biases_outside).
         return FoldedLayer(codes, scale32, zero_point, shift, real_bias, None, None, constant,
                            float_bias_reason=(
                                f"channel {worst}'s bias {real_bias[worst]:.4g} needs "

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from export_nets import INPUT_SHAPE, images, quantized
 from onnx import numpy_helper
 
-from mecqtk.export import export_model
+from mecqtk.export import export_model, snap_biases
 from mecqtk.export.onnx_export import owner_module
 from mecqtk.export.session import make_session
 from mecqtk.export.weights import BatchNormFold, code_shift, fold_layer
@@ -116,3 +116,29 @@ def test_fold_never_divides_by_a_zero_gamma():
     np.testing.assert_array_equal(folded.scale, np.float32([0.5, -1.0]))
     # channel 0 outputs beta exactly: 0.75 / (0.25 * 0.5) = 6 steps; channel 1: -0.5 * -2 = 1
     np.testing.assert_array_equal(folded.bias_codes, [6, -4])
+
+
+def test_a_float_bias_is_added_outside_the_conv_so_onnxruntime_cannot_saturate_it(residual_net):
+    """onnxruntime fuses DequantizeLinear -> Conv -> QuantizeLinear into QLinearConv and rounds a
+    float bias to int32 itself, saturating one that needs more than 2**31 steps; the export adds
+    such a bias in a separate Sum, so the file computes what the deploy form computes."""
+    from mecqtk.export.convert import convert
+    from mecqtk.export.verify import compare
+
+    with torch.no_grad():
+        residual_net.bn1.weight[0] = 1e-9  # accumulator unit ~1e-9 x smaller
+        residual_net.bn1.bias[0] = 0.5  # so the bias needs ~1e10 of them
+    gm = quantized(residual_net, 4, 4)
+    snap_biases(gm)
+    _, report = convert(gm)
+    assert [layer.split(":")[0] for layer in report.float_bias_layers] == ["conv1"]
+    model, manifest = export_model(gm, INPUT_SHAPE, "qcdq")  # refused before: 12.5 % of aq_relu
+    weight = next(n for n in model.graph.node if n.input[0] == "conv1.weight_codes")
+    conv = next(n for n in model.graph.node if n.op_type == "Conv" and weight.output[0] in n.input)
+    assert len(conv.input) == 2  # no bias input left for onnxruntime to quantize
+    added = next(n for n in model.graph.node if conv.output[0] in n.input)
+    assert added.op_type == "Sum"
+    batches = [(images(64, 7), torch.arange(64) % 10)]
+    checked = compare(gm, model, manifest, batches, threads=1, deploy=convert(gm)[0])
+    assert all(layer.differing == 0 for layer in checked.layers), checked.layers
+    assert checked.deploy_top1_agreement_pct == 100.0

@@ -5,9 +5,14 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from mecqtk.export.onnx_export import float_adds_of_codes, hold_requantized_codes
+from mecqtk.export.onnx_export import (
+    float_adds_of_codes,
+    global_average_pools,
+    hold_requantized_codes,
+)
 
 SCALE_1, SCALE_2 = np.float32(0.011), np.float32(0.0109)  # two 8-bit steps in a row
 
@@ -28,12 +33,15 @@ def _requantize_chain() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
 
 
-def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+def _session(model: onnx.ModelProto) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(model.SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
-    return session.run(None, {"x": x})[0]
+    return ort.InferenceSession(model.SerializeToString(), options,
+                                providers=["CPUExecutionProvider"])
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    return _session(model).run(None, {"x": x})[0]
 
 
 def test_requantization_keeps_both_roundings():
@@ -67,3 +75,40 @@ def test_only_adds_of_two_dequantized_tensors_become_sums():
     assert float_adds_of_codes(model) == 1
     assert [n.op_type for n in model.graph.node] == [
         "DequantizeLinear", "DequantizeLinear", "Sum", "Add"]
+
+
+def _spatial_mean(input_scale: float, output_scale: float, side: int) -> onnx.ModelProto:
+    """x (uint8 codes) -> DQ -> ReduceMean over H, W -> Q -> DQ."""
+    inits = [numpy_helper.from_array(np.array(v, dt), n) for n, v, dt in (
+        ("s_in", input_scale, np.float32), ("s_out", output_scale, np.float32),
+        ("zp", 0, np.uint8), ("axes", [2, 3], np.int64))]
+    nodes = [
+        helper.make_node("DequantizeLinear", ["x", "s_in", "zp"], ["d"]),
+        helper.make_node("ReduceMean", ["d", "axes"], ["m"], name="mean", keepdims=1),
+        helper.make_node("QuantizeLinear", ["m", "s_out", "zp"], ["q"]),
+        helper.make_node("DequantizeLinear", ["q", "s_out", "zp"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "mean", [helper.make_tensor_value_info("x", TensorProto.UINT8, [2, 4, side, side])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 1, 1])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    return onnx.shape_inference.infer_shapes(model)
+
+
+def test_spatial_means_become_global_pools_only_where_onnxruntime_takes_the_step_ratio():
+    codes = np.random.default_rng(0).integers(0, 4, (2, 4, 1, 1)).astype(np.uint8)
+    usual = _spatial_mean(0.5, 0.1, 4)
+    assert global_average_pools(usual) == 1
+    assert [n.op_type for n in usual.graph.node][1] == "GlobalAveragePool"
+
+    # s_in / (s_out * pixels) = 300 >= 256: onnxruntime would refuse at run time
+    # ("QLinearGlobalAveragePool parameter out of computation range"), so it stays a ReduceMean
+    refused = _spatial_mean(3.0, 0.01, 1)
+    fused = _spatial_mean(3.0, 0.01, 1)
+    fused.graph.node[1].CopyFrom(helper.make_node("GlobalAveragePool", ["d"], ["m"], name="mean"))
+    with pytest.raises(Exception, match="out of computation range"):  # onnxruntime's own type
+        _session(fused).run(None, {"x": codes})
+    assert global_average_pools(refused) == 0
+    out = _session(refused).run(None, {"x": codes})[0]
+    expected = np.clip(np.rint(codes * np.float32(3.0) / np.float32(0.01)), 0, 255) * 0.01
+    np.testing.assert_allclose(out, expected.astype(np.float32), rtol=1e-6)
