@@ -69,9 +69,13 @@ def prepare(model: nn.Module, recipe: Recipe | QuantConfig) -> fx.GraphModule:
     for attr in ("pretrained_cfg", "default_cfg", "num_classes", "num_features"):
         if hasattr(model, attr):
             setattr(gm, attr, getattr(model, attr))
-    return run_passes(gm, [
+    from mecqtk.export.deploy_eval import compute_deploy_form_in_eval  # the convert stage's
+
+    prepared = run_passes(gm, [
         lambda g: trace_leaf_interiors(g, config.leaf_modules, auto_leaf=config.auto_leaf),
         in_every_graph(decompose_sdpa),
         lambda g: annotate_model(g, config),
         insert_model,
     ])
+    compute_deploy_form_in_eval(prepared)
+    return prepared

@@ -31,6 +31,10 @@ class QuantizedLayer(nn.Module):
     (``out_channels``, ``weight``) are read through, so code that inspects the layer still works.
     """
 
+    # set by the convert stage (mecqtk.export.deploy_eval): in eval mode the layer computes its
+    # deploy form, bit for bit what the exported file computes
+    deploy_form: Any = None
+
     def __init__(self, layer: nn.Module, weight_quantizer: FakeQuantizer,
                  input_quantizer: FakeQuantizer | None = None) -> None:
         super().__init__()
@@ -55,6 +59,8 @@ class QuantizedLayer(nn.Module):
         return self.weight_quantizer(self.effective_weight())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.deploy_form is not None and self.deploy_form.active():
+            return self.deploy_form(x)
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
         form = layer_form(self.layer)

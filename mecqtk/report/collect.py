@@ -19,6 +19,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from mecqtk.export.deploy_eval import float_layer_outputs
 from mecqtk.quant import FakeQuantizer, Mode
 from mecqtk.report.metrics import ErrorStats, LevelStats, ValueSample, unclamped_codes
 from mecqtk.report.result import LayerStats, PlotSamples, Score, StepStats, TensorStats
@@ -183,23 +184,25 @@ def collect(qmodel: fx.GraphModule, sites: list[Site], batches: Iterable[Batch],
         float_model.eval()
     hooks = _Hooks(qmodel, sites, float_model)
     scores = {"quantized": _ScoreSum(), "float": _ScoreSum(), "bypass": _ScoreSum()}
-    try:
-        for images, labels in batches:
-            images, labels = images.to(device), labels.to(device)
-            hooks.phase = "bypass"
-            with quantizer_modes(qmodel, Mode.BYPASS):
-                bypass_logits = qmodel(images)
-            scores["bypass"].update(bypass_logits, labels)
-            hooks.phase = "float"
-            float_logits = float_model(images) if float_model is not None else bypass_logits
-            scores["float"].update(float_logits, labels)
-            hooks.phase = "quantized"
-            with quantizer_modes(qmodel, Mode.QUANTIZE):
-                scores["quantized"].update(qmodel(images), labels)
-            hooks.end_batch()
-    finally:
-        hooks.phase = ""
-        hooks.remove()
+    # each layer's own output is compared with its float twin's: no BatchNorm folded into it
+    with float_layer_outputs(qmodel):
+        try:
+            for images, labels in batches:
+                images, labels = images.to(device), labels.to(device)
+                hooks.phase = "bypass"
+                with quantizer_modes(qmodel, Mode.BYPASS):
+                    bypass_logits = qmodel(images)
+                scores["bypass"].update(bypass_logits, labels)
+                hooks.phase = "float"
+                float_logits = float_model(images) if float_model is not None else bypass_logits
+                scores["float"].update(float_logits, labels)
+                hooks.phase = "quantized"
+                with quantizer_modes(qmodel, Mode.QUANTIZE):
+                    scores["quantized"].update(qmodel(images), labels)
+                hooks.end_batch()
+        finally:
+            hooks.phase = ""
+            hooks.remove()
     samples = PlotSamples()
     layers = []
     for site in sites:

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from mecqtk.export.deploy_eval import float_layer_outputs
 from mecqtk.quant import Mode
 from mecqtk.report import ReportOptions, build_report
 from mecqtk.report.build import find_checkpoint, load_images
@@ -35,7 +36,8 @@ def test_hook_measurements_equal_direct_ones(w2a2_run, data_spec):
     layer_handle = site.layer.register_forward_hook(
         lambda m, args, out: captured.update(y=out))
     images = batches[0][0]
-    with torch.no_grad():
+    # the report measures each layer's own output (BatchNorm not folded into it)
+    with torch.no_grad(), float_layer_outputs(qmodel):
         qmodel(images)
         handle.remove()
         layer_handle.remove()
