@@ -1,4 +1,4 @@
-"""In eval mode a prepared model computes its deploy form bit for bit (mecqtk.export.deploy_eval)."""
+"""In eval mode a prepared model computes its deploy form bit for bit (export/deploy_eval.py)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ def test_eval_mode_computes_exactly_what_the_deploy_form_computes(bits):
         assert torch.equal(gm(x), deploy(x))
         with float_layer_outputs(gm):  # BatchNorm separate, as in training
             unfolded = gm(x)
-    torch.testing.assert_close(unfolded, deploy(x), rtol=0.0, atol=0.05 * float(unfolded.abs().max()))
+    scale = float(unfolded.abs().max())
+    torch.testing.assert_close(unfolded, deploy(x), rtol=0.0, atol=0.05 * scale)
 
 
 def test_the_eval_form_follows_every_change_to_the_model(residual_net):
