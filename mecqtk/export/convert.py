@@ -245,6 +245,7 @@ def _regrid_max_pools(graph_module: fx.GraphModule, prefix: str) -> int:
         regrid_quantizer = FrozenQuantizer.from_fake(quantizer, where)
         regrid_quantizer.regrid_of = str(source.target)
         graph_module.add_submodule(target, regrid_quantizer)
+        modules[target] = regrid_quantizer  # a later chain may start from this node
         with graph_module.graph.inserting_after(node):
             regrid = graph_module.graph.call_module(target, (node,))
         node.replace_all_uses_with(regrid, delete_user_cb=lambda user, new=regrid: user is not new)

@@ -87,3 +87,34 @@ def test_convert_leaves_the_trained_model_alone(residual_net):
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert any(isinstance(m, FakeQuantizer) for m in gm.modules())
     _ = INPUT_SHAPE
+
+
+class _PadThenPool(torch.nn.Module):
+    """hgnetv2's stem: a zero-padded quantized value read by a conv (through its quantizer) and
+    by a max pool whose output is concatenated. The pad is requantized on its grid, and the
+    pool's chain then walks back through that new node."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.conv1b = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(8, 8, 2)
+        self.conv3 = torch.nn.Conv2d(16, 8, 1)
+        self.fc = torch.nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv1(x))
+        x = x + torch.relu(self.conv1b(x))  # a quantized junction, then the pad
+        padded = torch.nn.functional.pad(x, (0, 1, 0, 1))
+        pooled = torch.nn.functional.max_pool2d(padded, 2, stride=1)
+        x = torch.cat([pooled, self.conv2(padded)], 1)
+        return self.fc(self.conv3(x).mean((2, 3)))
+
+
+def test_a_chain_of_grid_preserving_ops_after_a_requantization_converts():
+    gm = quantized(_PadThenPool(), 4, 4)
+    deploy, report = convert(gm)
+    assert report.regrids >= 1
+    x = images(16, 2)
+    with torch.no_grad():
+        assert torch.equal(gm(x), deploy(x))
