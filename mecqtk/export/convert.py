@@ -127,10 +127,14 @@ class DeployLayer(nn.Module):
         # a layer without a known form computes its weight itself: it is intercepted instead
         self.float_form_weight = float_form_weight
 
+    # Properties, as on the layer they replace: leaf code reads ``layer.weight.device``
+    # (timm's edgenext positional encoding).
+    @property
     def weight(self) -> Tensor:
         return torch.ops.mecqtk.dequantize(self.weight_codes, self.weight_scale,
                                            self.weight_zero_point, 0)
 
+    @property
     def bias(self) -> Tensor | None:
         if self.bias_codes is not None and self.bias_scale is not None:
             return torch.ops.mecqtk.dequantize(self.bias_codes, self.bias_scale,
@@ -140,12 +144,12 @@ class DeployLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
-        weight = self.weight()
+        weight = self.weight
         form = layer_form(self.layer)
         if form is None or self.float_form_weight:
             with WeightInterceptor(lambda _: weight):
                 return self.layer(x)
-        return form.apply(self.layer, x, weight, self.bias())
+        return form.apply(self.layer, x, weight, self.bias)
 
 
 @dataclass

@@ -118,3 +118,18 @@ def test_a_chain_of_grid_preserving_ops_after_a_requantization_converts():
     x = images(16, 2)
     with torch.no_grad():
         assert torch.equal(gm(x), deploy(x))
+
+
+def test_deploy_layers_read_like_the_layers_they_replace(residual_net):
+    """Leaf code reads ``self.proj.weight.device`` (timm's edgenext): the deploy layer's weight
+    and bias are tensors, the dequantized integer codes."""
+    gm = quantized(residual_net, 4, 4)
+    snap_biases(gm)
+    layer = convert(gm)[0].get_submodule("conv3")
+    assert isinstance(layer, DeployLayer)
+    assert layer.weight.device.type == "cpu" and layer.weight.shape == (16, 8, 3, 3)
+    zero = layer.weight_zero_point.float().reshape(-1, 1, 1, 1)
+    codes = layer.weight_codes.to(torch.float32) - zero
+    torch.testing.assert_close(layer.weight, codes * layer.weight_scale.reshape(-1, 1, 1, 1),
+                               rtol=0, atol=0)
+    assert layer.bias is not None and layer.bias.shape == (16,)
