@@ -24,13 +24,21 @@ _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 _PLAIN_ATTRIBUTE_TYPES = (int, float, bool, str, tuple, type(None))
 
 
+# GraphModule.__deepcopy__ (run by the convert stage) rebuilds the module from its graph and
+# keeps only the attributes listed under this key of its ``meta``.
+_PRESERVED_KEY = "_user_preserved_attributes"
+
+
 def _keep_plain_attributes(original: nn.Module, traced: fx.GraphModule) -> None:
-    """Leaf code may read ``self.attn.num_heads``: copy such plain attributes to the traced copy."""
+    """Leaf code may read ``self.attn.num_heads``: copy such plain attributes to the traced copy,
+    and have them survive a deep copy (timm's efficientvit_m0 reads ``self.attn.resolution``)."""
+    preserved = traced.meta.setdefault(_PRESERVED_KEY, {})
     for key, value in vars(original).items():
         if key.startswith("_") or key in vars(traced) or key == "training":
             continue
         if isinstance(value, _PLAIN_ATTRIBUTE_TYPES):
             setattr(traced, key, value)
+            preserved[key] = value
 
 
 class _Opener:

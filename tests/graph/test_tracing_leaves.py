@@ -205,3 +205,36 @@ def test_dropout_written_off_stays_off():
     kept = [n for n in gm.graph.nodes if n.op == "call_function"
             and n.target is torch.nn.functional.dropout]
     assert len(kept) == 1 and kept[0].kwargs["training"] is False
+
+
+class InnerWithSize(Inner):
+    def __init__(self) -> None:
+        super().__init__()
+        self.window = 2  # a plain attribute the leaf's own code reads
+
+
+class ReadsChildAttribute(DataDependent):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = InnerWithSize()
+
+    def forward(self, x):
+        if x.abs().sum() >= 0:
+            x = self.conv(x)
+        return nn.functional.avg_pool2d(self.inner(x), self.inner.window)
+
+
+def test_plain_attributes_of_traced_children_survive_a_deep_copy():
+    """timm's efficientvit_m0 reads ``self.attn.resolution`` from leaf code; the convert stage
+    deep-copies the model, and GraphModule's deep copy drops attributes it was not told of."""
+    import copy
+
+    model = Net()
+    model.body = nn.Sequential(ReadsChildAttribute())
+    qmodel = prepare(model, QuantConfig())
+    inner = qmodel.get_submodule("body.0.inner")
+    assert isinstance(inner, torch.fx.GraphModule) and inner.window == 2
+    copied = copy.deepcopy(qmodel)
+    assert copied.get_submodule("body.0.inner").window == 2
+    x = torch.rand(2, 3, 8, 8)
+    torch.testing.assert_close(copied(x), qmodel(x))
