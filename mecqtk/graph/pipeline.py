@@ -24,6 +24,7 @@ from mecqtk.graph.insert import insert_model
 from mecqtk.graph.introspect import graph_modules
 from mecqtk.graph.leaves import trace_leaf_interiors
 from mecqtk.graph.tracer import trace
+from mecqtk.quant.bn_spread import floor_batchnorm_spread
 from mecqtk.recipe.schema import QuantConfig, Recipe
 
 Pass = Callable[[fx.GraphModule], fx.GraphModule]
@@ -78,4 +79,5 @@ def prepare(model: nn.Module, recipe: Recipe | QuantConfig) -> fx.GraphModule:
         insert_model,
     ])
     compute_deploy_form_in_eval(prepared)
+    floor_batchnorm_spread(prepared)
     return prepared

@@ -1,0 +1,73 @@
+"""The BatchNorm spread floor on tiny maps (mecqtk.quant.bn_spread)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from mecqtk.quant.bn_spread import SPREAD_FLOOR, floor_batchnorm_spread
+
+
+def _input(side: int, constant_channel: int | None = 0) -> torch.Tensor:
+    x = torch.randn(64, 4, side, side, generator=torch.Generator().manual_seed(0))
+    if constant_channel is not None:  # the same 2-bit code in every sample
+        x[:, constant_channel] = 0.75
+    return x.requires_grad_(True)
+
+
+def _forward_backward(bn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    out = bn(x)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    (grad,) = torch.autograd.grad(out, x, upstream)
+    return out.detach(), grad
+
+
+def test_a_channel_without_batch_spread_no_longer_multiplies_its_gradient_by_300():
+    plain = nn.BatchNorm2d(4).train()
+    floored = copy.deepcopy(plain)
+    assert floor_batchnorm_spread(floored) == 1
+    x = _input(1)
+    out_plain, grad_plain = _forward_backward(plain, x)
+    out_floored, grad_floored = _forward_backward(floored, x)
+    # plain BatchNorm divides the constant channel by sqrt(eps): gain ~316
+    assert grad_plain[:, 0].abs().max() > 100
+    sigma = x.detach()[:, 1:].std((0, 2, 3), unbiased=False)
+    bound = 1.0 / (SPREAD_FLOOR * float(sigma.median()))
+    assert grad_floored[:, 0].abs().max() < 3 * bound
+    # the other channels are untouched, bit for bit, forward and backward
+    assert torch.equal(out_floored[:, 1:], out_plain[:, 1:])
+    assert torch.equal(grad_floored[:, 1:], grad_plain[:, 1:])
+    # the constant channel's output is its shift either way
+    torch.testing.assert_close(out_floored[:, 0], out_plain[:, 0])
+
+
+def test_larger_maps_and_eval_mode_are_untouched():
+    plain = nn.BatchNorm2d(4).train()
+    floored = copy.deepcopy(plain)
+    floor_batchnorm_spread(floored)
+    x = _input(8)  # 64 pixels: per-channel statistics over 64 x 64 values
+    for a, b in zip(_forward_backward(plain, x), _forward_backward(floored, x), strict=True):
+        assert torch.equal(a, b)
+    plain.eval()
+    floored.eval()
+    x = _input(1)
+    for a, b in zip(_forward_backward(plain, x), _forward_backward(floored, x), strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(plain.running_var, floored.running_var)
+
+
+def test_prepare_gives_every_batchnorm_the_floor():
+    from mecqtk.graph import prepare
+    from mecqtk.quant.bn_spread import SpreadFloor
+    from mecqtk.recipe import QuantConfig
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1),
+                          nn.BatchNorm2d(4))
+    qmodel = prepare(model, QuantConfig())
+    bns = [m for m in qmodel.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(bns) == 2
+    assert all(any(isinstance(h, SpreadFloor) for h in bn._forward_pre_hooks.values())
+               for bn in bns)
+    assert floor_batchnorm_spread(qmodel) == 0  # once only
