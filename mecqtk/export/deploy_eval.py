@@ -7,8 +7,8 @@ scales and the int32 bias: ``conv(x, w_q * g) + b``. The two differ by float rou
 1-2 % of the top-1 decisions of calibrated efficientnet_b0, densenet121 and dla34, so a model
 and its own file could not be shown to agree.
 
-:func:`compute_deploy_form_in_eval` (run by :func:`mecqtk.prepare`) gives every quantized layer of
-every graph an eval form: in eval mode, once its quantizers quantize, the layer computes with its
+:func:`compute_deploy_form_in_eval` (run by :func:`mecqtk.prepare`) gives every quantized layer (of
+every graph, and every eager layer leaf code calls) an eval form: in eval mode, once its quantizers quantize, the layer computes with its
 :class:`~mecqtk.export.convert.DeployLayer` (built by the convert stage's own code, cached until a
 parameter, statistic or step changes) and the BatchNorm it absorbs passes its input through (its
 activation, for timm's BatchNormAct2d, still applies). Training is untouched. The accuracy a run
@@ -83,7 +83,7 @@ class DeployForm:
         return self._deploy
 
     def __call__(self, x: Tensor) -> Tensor:
-        return self.deploy_layer()(x)
+        return self.deploy_layer()(x)  # an eager layer's deploy form quantizes x itself
 
 
 class _AbsorbedBatchNorm:
@@ -136,6 +136,12 @@ def compute_deploy_form_in_eval(gm: fx.GraphModule) -> int:
             module.deploy_form = form
             if bn is not None:
                 bn.register_forward_hook(_AbsorbedBatchNorm(form))
+            installed += 1
+    # eager layers (called by leaf code): their own input quantizer, no BatchNorm folded, as
+    # the convert stage builds them
+    for name, module in gm.named_modules():
+        if isinstance(module, QuantizedLayer) and module.input_quantizer is not None:
+            module.deploy_form = DeployForm(module, name, None, None, module.input_quantizer)
             installed += 1
     return installed
 

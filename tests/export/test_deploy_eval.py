@@ -55,3 +55,42 @@ def test_training_mode_is_untouched(residual_net):
     out.square().mean().backward()
     assert gm.conv1.layer.weight.grad is not None and gm.bn1.weight.grad is not None
     assert gm.conv1.weight_quantizer.scale.grad is not None
+
+
+class _EagerLeaf(torch.nn.Module):
+    """A leaf whose own code calls its conv (an eager layer with its own input quantizer and
+    a bias the top graph's snapping never sees; timm's xcit positional encoding)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(8, 8, 1, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] > 1:  # torch.fx cannot trace a branch on a shape
+            x = x + self.conv(x)
+        return x
+
+
+class _Net(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.leaf = _EagerLeaf()
+        self.head = torch.nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.leaf(torch.relu(self.stem(x))).mean((2, 3)))
+
+
+def test_eager_layers_compute_their_deploy_form_too():
+    from mecqtk.quant.modules import QuantizedLayer
+
+    torch.manual_seed(0)
+    gm = quantized(_Net(), 4, 4)
+    eager = gm.get_submodule("leaf.conv")
+    assert isinstance(eager, QuantizedLayer) and eager.input_quantizer is not None
+    assert isinstance(eager.deploy_form, DeployForm)
+    snap_biases(gm)  # the top graph's biases; the eager conv's stays off its int32 grid
+    x = images(64, 6)
+    with torch.no_grad():
+        assert torch.equal(gm(x), convert(gm)[0](x))
