@@ -7,8 +7,9 @@ scales and the int32 bias: ``conv(x, w_q * g) + b``. The two differ by float rou
 1-2 % of the top-1 decisions of calibrated efficientnet_b0, densenet121 and dla34, so a model
 and its own file could not be shown to agree.
 
-:func:`compute_deploy_form_in_eval` (run by :func:`mecqtk.prepare`) gives every quantized layer (of
-every graph, and every eager layer leaf code calls) an eval form: in eval mode, once its quantizers quantize, the layer computes with its
+:func:`compute_deploy_form_in_eval` (run by :func:`mecqtk.prepare`) gives every quantized layer
+(of every graph, and every eager layer leaf code calls) an eval form: in eval mode, once its
+quantizers quantize, the layer computes with its
 :class:`~mecqtk.export.convert.DeployLayer` (built by the convert stage's own code, cached until a
 parameter, statistic or step changes) and the BatchNorm it absorbs passes its input through (its
 activation, for timm's BatchNormAct2d, still applies). Training is untouched. The accuracy a run
