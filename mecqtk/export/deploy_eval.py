@@ -20,6 +20,8 @@ with :func:`float_layer_outputs`.
 
 from __future__ import annotations
 
+import copy
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -83,6 +85,15 @@ class DeployForm:
             self._key = key
         return self._deploy
 
+    def __deepcopy__(self, memo: dict) -> DeployForm:
+        # the convert stage deep-copies the model: the cached deploy layer (a copy of every
+        # weight) is rebuilt on demand, not copied
+        copied = DeployForm.__new__(DeployForm)
+        memo[id(self)] = copied
+        for key, value in vars(self).items():
+            setattr(copied, key, None if key in ("_key", "_deploy") else copy.deepcopy(value, memo))
+        return copied
+
     def __call__(self, x: Tensor) -> Tensor:
         return self.deploy_layer()(x)  # an eager layer's deploy form quantizes x itself
 
@@ -101,8 +112,8 @@ class _AbsorbedBatchNorm:
         return args[0] if self.tail is None else self.tail(args[0])
 
 
-def _called_once(graph: fx.Graph, target: str) -> bool:
-    return sum(1 for n in graph.nodes if n.op == "call_module" and n.target == target) == 1
+def _module_calls(graph: fx.Graph) -> Counter:
+    return Counter(str(n.target) for n in graph.nodes if n.op == "call_module")
 
 
 def compute_deploy_form_in_eval(gm: fx.GraphModule) -> int:
@@ -115,10 +126,11 @@ def compute_deploy_form_in_eval(gm: fx.GraphModule) -> int:
     installed = 0
     for prefix, graph_module in graph_modules(gm):
         modules = dict(graph_module.named_modules())
+        calls = _module_calls(graph_module.graph)
         for node in graph_module.graph.nodes:
             module = modules.get(str(node.target)) if node.op == "call_module" else None
             if (not isinstance(module, QuantizedLayer) or module.input_quantizer is not None
-                    or not _called_once(graph_module.graph, str(node.target))):
+                    or calls[str(node.target)] != 1):
                 continue
             bn_node = None
             if not callable(getattr(module, "folded_bias", None)):
@@ -126,8 +138,7 @@ def compute_deploy_form_in_eval(gm: fx.GraphModule) -> int:
                                    getattr(module.layer, "out_features", None))
                 # the convert stage folds this BatchNorm when it is in eval mode (active())
                 bn_node = batchnorm_user(node, modules, channels) if channels else None
-                if bn_node is not None and not _called_once(graph_module.graph,
-                                                            str(bn_node.target)):
+                if bn_node is not None and calls[str(bn_node.target)] != 1:
                     bn_node = None
             bn = None if bn_node is None else modules[str(bn_node.target)]
             found = feeding_quantizer(node, modules)

@@ -238,6 +238,15 @@ def constant_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return constants
 
 
+def _consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    """The nodes reading each value, by value name."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    return consumers
+
+
 # onnxruntime's QLinearGlobalAveragePool (MLAS) refuses, at run time, an input-to-output step
 # ratio s_in / (s_out * pixels) outside [2**-32, 256): "parameter out of computation range".
 _QLINEAR_POOL_RATIO = (2.0**-32, 256.0)
@@ -256,10 +265,7 @@ def global_average_pools(model: onnx.ModelProto) -> int:
             for v in [*model.graph.value_info, *model.graph.input]
             if v.type.tensor_type.HasField("shape")}
     producers = {out: node for node in model.graph.node for out in node.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = _consumers(model)
 
     def step(node: onnx.NodeProto | None) -> float | None:
         if node is None or node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
@@ -366,10 +372,7 @@ def hold_requantized_codes(model: onnx.ModelProto) -> int:
     needs DQ1's input to come straight from Q1) and keeps every code as written.
     """
     constants = constant_values(model)
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = _consumers(model)
     held = 0
     for node in list(model.graph.node):
         after = consumers.get(node.output[0], []) if node.op_type == "QuantizeLinear" else []
