@@ -29,6 +29,7 @@ from torch import nn
 
 import mecqtk.quant.qdq_op  # noqa: F401  (registers torch.ops.mecqtk)
 from mecqtk.errors import ExportError
+from mecqtk.export.integer_kernels import IntegerRequantization, OutputGrid, quantizes
 from mecqtk.export.qparams import activation_params, weight_codes, weight_params
 from mecqtk.export.snap import input_quantizer
 from mecqtk.export.weights import (
@@ -39,7 +40,7 @@ from mecqtk.export.weights import (
     foldable_batchnorm,
     layer_terms,
 )
-from mecqtk.graph.introspect import graph_modules
+from mecqtk.graph.introspect import graph_modules, requantizing_quantizer
 from mecqtk.graph.ops import preserves_grid, selects_values
 from mecqtk.quant.layer_forms import WeightInterceptor, layer_form
 from mecqtk.quant.modules import QuantizedLayer
@@ -126,6 +127,7 @@ class DeployLayer(nn.Module):
         self.register_buffer("bias_float", real)
         # a layer without a known form computes its weight itself: it is intercepted instead
         self.float_form_weight = float_form_weight
+        self.requantization: IntegerRequantization | None = None
 
     # Properties, as on the layer they replace: leaf code reads ``layer.weight.device``
     # (timm's edgenext positional encoding).
@@ -144,8 +146,13 @@ class DeployLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
-        weight = self.weight
         form = layer_form(self.layer)
+        if (self.requantization is not None and form is not None
+                and not torch.compiler.is_exporting()):
+            # the file holds DequantizeLinear -> Conv -> QuantizeLinear; this is what the
+            # runtime computes for that group (the export traces the plain form below)
+            return self.requantization(self, form, x)
+        weight = self.weight
         if form is None or self.float_form_weight:
             with WeightInterceptor(lambda _: weight):
                 return self.layer(x)
@@ -172,8 +179,31 @@ def _strip_parameters(layer: nn.Module) -> nn.Module:
     return stripped
 
 
+def integer_requantization(layer: DeployLayer, input_step: float | None,
+                           found: tuple[FakeQuantizer, bool] | None,
+                           where: str) -> IntegerRequantization | None:
+    """The requantization onnxruntime fuses into ``layer`` (QLinearConv, see
+    :mod:`~mecqtk.export.integer_kernels`), given the quantizer that reads its output directly
+    (:func:`~mecqtk.graph.introspect.requantizing_quantizer`); None when the runtime computes that
+    conv in float: its output goes elsewhere, its input or bias is off the integer grid, or a
+    ReLU sits before a quantizer whose zero point is not its container's minimum (onnxruntime
+    drops such a ReLU only when it changes nothing)."""
+    if (found is None or input_step is None or layer.bias_float is not None
+            or not isinstance(layer.layer, nn.modules.conv._ConvNd)
+            or layer_form(layer.layer) is None or layer.float_form_weight):
+        return None
+    quantizer, relu = found
+    if not quantizes(quantizer) or quantizer.axis is not None:
+        return None
+    output = OutputGrid.of(quantizer, where)
+    if relu and output.zero != torch.iinfo(output.container).min:
+        return None
+    return IntegerRequantization(input_step, output)
+
+
 def _deploy_layer(module: QuantizedLayer, where: str, bn: nn.Module | None,
-                  input_step: float | None, bn_name: str | None = None) -> DeployLayer:
+                  input_step: float | None, bn_name: str | None = None,
+                  output: tuple[FakeQuantizer, bool] | None = None) -> DeployLayer:
     params = weight_params(module.weight_quantizer, where)
     terms = layer_terms(module, where)
     codes = weight_codes(module.weight_quantizer, terms.weight)
@@ -186,6 +216,7 @@ def _deploy_layer(module: QuantizedLayer, where: str, bn: nn.Module | None,
     layer = _strip_parameters(module.layer) if has_form else module.layer
     deploy = DeployLayer(layer, folded, storage, input_q, float_form_weight=not has_form)
     deploy.folded_batchnorm = bn is not None
+    deploy.requantization = integer_requantization(deploy, input_step, output, where)
     deploy.notes = {
         "trained_scale": np.asarray(params.scale, np.float32).reshape(-1).tolist(),
         "folded_batchnorm": bn_name,
@@ -288,7 +319,8 @@ def convert(gm: nn.Module) -> tuple[nn.Module, ConvertReport]:
                 bn_node = foldable_batchnorm(node, modules, channels)
             bn = None if bn_node is None else modules[str(bn_node.target)]
             layer = _deploy_layer(module, where, bn, _input_step(module, node, modules),
-                                  None if bn_node is None else bn_node.name)
+                                  None if bn_node is None else bn_node.name,
+                                  requantizing_quantizer(node, modules, bn_node))
             graph_module.set_submodule(str(node.target), layer)
             if bn_node is not None:
                 tail = _batchnorm_tail(bn)

@@ -30,7 +30,15 @@ import torch.fx as fx
 from torch import nn
 
 from mecqtk.export.convert import DeployLayer, _batchnorm_tail, _deploy_layer
-from mecqtk.graph.introspect import batchnorm_user, feeding_quantizer, graph_modules, qualified
+from mecqtk.export.integer_kernels import IntegerSpatialMean
+from mecqtk.graph.introspect import (
+    batchnorm_user,
+    feeding_quantizer,
+    graph_modules,
+    qualified,
+    requantizing_quantizer,
+)
+from mecqtk.graph.ops import image_mean_dims
 from mecqtk.quant.modules import QuantizedLayer
 from mecqtk.quant.quantizers import FakeQuantizer, Mode
 
@@ -46,12 +54,14 @@ class DeployForm:
     """The eval form of one quantized layer: its deploy layer, rebuilt when its inputs change."""
 
     def __init__(self, layer: QuantizedLayer, where: str, batchnorm: nn.Module | None,
-                 batchnorm_name: str | None, input_quantizer: FakeQuantizer | None) -> None:
+                 batchnorm_name: str | None, input_quantizer: FakeQuantizer | None,
+                 output: tuple[FakeQuantizer, bool] | None = None) -> None:
         self.layer = layer
         self.where = where
         self.batchnorm = batchnorm
         self.batchnorm_name = batchnorm_name
         self.input_quantizer = input_quantizer
+        self.output = output  # the quantizer reading the output directly (see convert)
         self.enabled = True
         self._key: tuple | None = None
         self._deploy: DeployLayer | None = None
@@ -69,18 +79,19 @@ class DeployForm:
         return None
 
     def _state_key(self) -> tuple:
-        modules = [self.layer] + [m for m in (self.batchnorm, self.input_quantizer)
-                                  if m is not None]
+        output = None if self.output is None else self.output[0]
+        quantizers = [q for q in (self.input_quantizer, output) if q is not None]
+        modules = [self.layer, *quantizers] + ([self.batchnorm] if self.batchnorm else [])
         tensors = [t for m in modules for t in (*m.parameters(), *m.buffers())]
-        mode = None if self.input_quantizer is None else self.input_quantizer.mode
-        return (mode, *((id(t), t._version) for t in tensors))
+        modes = tuple((q.mode, bool(q.initialized)) for q in quantizers)
+        return (modes, *((id(t), t._version) for t in tensors))
 
     @torch.no_grad()
     def deploy_layer(self) -> DeployLayer:
         key = self._state_key()
         if self._deploy is None or key != self._key:
             deploy = _deploy_layer(self.layer, self.where, self.batchnorm, self._input_step(),
-                                   self.batchnorm_name)
+                                   self.batchnorm_name, self.output)
             self._deploy = deploy.to(self.layer.weight_quantizer.scale.device)
             self._key = key
         return self._deploy
@@ -116,6 +127,33 @@ def _module_calls(graph: fx.Graph) -> Counter:
     return Counter(str(n.target) for n in graph.nodes if n.op == "call_module")
 
 
+def _integer_means(graph_module: fx.GraphModule, modules: dict[str, nn.Module]) -> int:
+    """Each spatial mean between two per-tensor quantizers becomes an
+    :class:`~mecqtk.export.integer_kernels.IntegerSpatialMean` (the same float mean in
+    training); returns how many."""
+    replaced = 0
+    for node in list(graph_module.graph.nodes):
+        dims = image_mean_dims(node)
+        found = feeding_quantizer(node, modules) if dims is not None else None
+        if dims is None or found is None or len(node.users) != 1:
+            continue
+        user = next(iter(node.users))
+        target = modules.get(str(user.target)) if user.op == "call_module" else None
+        if not isinstance(target, FakeQuantizer):
+            continue
+        name = f"integer_{node.name}"
+        graph_module.add_submodule(name, IntegerSpatialMean(dims, found[1], target))
+        with graph_module.graph.inserting_before(node):
+            mean = graph_module.graph.call_module(name, (node.args[0],))
+        mean.meta = dict(node.meta)  # its annotation (a quantized pool)
+        node.replace_all_uses_with(mean)
+        graph_module.graph.erase_node(node)
+        replaced += 1
+    if replaced:
+        graph_module.recompile()
+    return replaced
+
+
 def compute_deploy_form_in_eval(gm: fx.GraphModule) -> int:
     """Give every quantized layer of ``gm``'s graphs its eval form; returns how many.
 
@@ -144,11 +182,13 @@ def compute_deploy_form_in_eval(gm: fx.GraphModule) -> int:
             found = feeding_quantizer(node, modules)
             form = DeployForm(module, qualified(prefix, str(node.target)), bn,
                               None if bn_node is None else bn_node.name,
-                              None if found is None else found[1])
+                              None if found is None else found[1],
+                              requantizing_quantizer(node, modules, bn_node))
             module.deploy_form = form
             if bn is not None:
                 bn.register_forward_hook(_AbsorbedBatchNorm(form))
             installed += 1
+        installed += _integer_means(graph_module, modules)
     # eager layers (called by leaf code): their own input quantizer, no BatchNorm folded, as
     # the convert stage builds them
     for name, module in gm.named_modules():

@@ -27,6 +27,7 @@ from torch import nn
 
 from mecqtk.errors import ExportError
 from mecqtk.export.convert import DeployLayer, FrozenQuantizer
+from mecqtk.export.integer_kernels import qlinear_pool_multiplier
 from mecqtk.export.manifest import TensorEntry
 from mecqtk.export.translate import translation_table
 from mecqtk.export.weights import storage_dtype
@@ -247,11 +248,6 @@ def _consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
     return consumers
 
 
-# onnxruntime's QLinearGlobalAveragePool (MLAS) refuses, at run time, an input-to-output step
-# ratio s_in / (s_out * pixels) outside [2**-32, 256): "parameter out of computation range".
-_QLINEAR_POOL_RATIO = (2.0**-32, 256.0)
-
-
 def global_average_pools(model: onnx.ModelProto) -> int:
     """ReduceMean over the two spatial axes of a 4-D tensor (keeping them) becomes
     GlobalAveragePool, the same computation, which onnxruntime runs on uint8 codes between a
@@ -279,8 +275,9 @@ def global_average_pools(model: onnx.ModelProto) -> int:
         s_out = step(after[0]) if len(after) == 1 else None
         if s_in is None or s_out is None or len(shape) != 4 or 0 in shape[2:]:
             return True  # not a quantized group: onnxruntime keeps the float kernel
-        ratio = s_in / (s_out * shape[2] * shape[3])
-        return _QLINEAR_POOL_RATIO[0] <= ratio < _QLINEAR_POOL_RATIO[1]
+        # onnxruntime's QLinearGlobalAveragePool (MLAS) refuses, at run time, a step ratio
+        # outside its range: "parameter out of computation range"
+        return qlinear_pool_multiplier(s_in, s_out, shape[2] * shape[3]) is not None
 
     replaced = 0
     for index, node in enumerate(model.graph.node):

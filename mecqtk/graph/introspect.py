@@ -12,7 +12,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from mecqtk.graph.meta import NodeQuant, annotated_nodes, get_quant, graph_info
@@ -223,6 +225,58 @@ def batchnorm_user(node: fx.Node, modules: dict[str, nn.Module],
     if not isinstance(bn, BatchNorm) or bn.running_mean is None or bn.num_features != channels:
         return None
     return user
+
+
+def _is_relu(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules[str(node.target)], nn.ReLU)
+    if node.op == "call_function":
+        return node.target in (F.relu, torch.relu, torch.relu_)
+    return node.op == "call_method" and node.target in ("relu", "relu_")
+
+
+def _passes_on_unchanged_or_relu(bn: nn.Module) -> bool | None:
+    """What a (timm BatchNormAct2d-style) normalisation layer does after normalising, once its
+    BatchNorm is absorbed: None when something other than dropout and a ReLU, else whether a
+    ReLU."""
+    relu = False
+    for name in ("drop", "act"):
+        part = getattr(bn, name, None)
+        if part is None or isinstance(part, ALIAS_MODULES):
+            continue
+        if not isinstance(part, nn.ReLU):
+            return None
+        relu = True
+    return relu
+
+
+def requantizing_quantizer(node: fx.Node, modules: dict[str, nn.Module],
+                           batchnorm: fx.Node | None) -> tuple[FakeQuantizer, bool] | None:
+    """The activation quantizer that reads a layer's output directly, and whether a ReLU sits
+    between them.
+
+    Between ``node`` (the layer) and the quantizer there may be only ``batchnorm`` (the
+    BatchNorm the layer absorbs) and one ReLU, each with one user. That group is what an integer
+    runtime runs as one kernel that requantizes its int32 accumulator (onnxruntime's
+    QLinearConv). None when the output goes anywhere else.
+    """
+    current, relu = node, False
+    if batchnorm is not None:
+        if set(node.users) != {batchnorm}:
+            return None
+        tail = _passes_on_unchanged_or_relu(modules[str(batchnorm.target)])
+        if tail is None:
+            return None
+        current, relu = batchnorm, tail
+    while len(current.users) == 1:
+        user = next(iter(current.users))
+        module = modules.get(str(user.target)) if user.op == "call_module" else None
+        if isinstance(module, FakeQuantizer):
+            return module, relu
+        if relu or not _is_relu(user, modules):
+            return None
+        current, relu = user, True
+    return None
 
 
 def pooled_features_node(gm: fx.GraphModule) -> fx.Node | None:

@@ -80,6 +80,18 @@ def _is_global_mean(node: fx.Node) -> bool:
     return isinstance(dims, list | tuple) and set(dims) in _SPATIAL_DIMS
 
 
+def image_mean_dims(node: fx.Node) -> tuple[int, ...] | None:
+    """The dims of ``x.mean((2, 3), keepdim=True)`` (or ``torch.mean``) over the two spatial
+    axes of an image, keeping them (a squeeze-excitation squeeze); None for any other node."""
+    is_mean = (node.op == "call_method" and node.target == "mean") or (
+        node.op == "call_function" and node.target is torch.mean)
+    if not is_mean or not _is_global_mean(node):
+        return None
+    dims = tuple(int(d) for d in _argument(node, 1, "dim"))
+    keepdim = _argument(node, 2, "keepdim")
+    return dims if keepdim is True and set(dims) in ({2, 3}, {-2, -1}) else None
+
+
 def _argument(node: fx.Node, position: int, keyword: str) -> Any:
     if len(node.args) > position:
         return node.args[position]

@@ -133,3 +133,30 @@ def test_deploy_layers_read_like_the_layers_they_replace(residual_net):
     torch.testing.assert_close(layer.weight, codes * layer.weight_scale.reshape(-1, 1, 1, 1),
                                rtol=0, atol=0)
     assert layer.bias is not None and layer.bias.shape == (16,)
+
+
+def test_convs_whose_output_a_quantizer_reads_compute_the_runtimes_requantization(residual_net):
+    """onnxruntime runs DequantizeLinear -> Conv -> [Relu] -> QuantizeLinear as one QLinearConv;
+    the deploy form computes that group's arithmetic, and the plain form in the export trace."""
+    gm = quantized(residual_net, 4, 4)
+    snap_biases(gm)
+    deploy, _ = convert(gm)
+    requantizing = {name for name, m in deploy.named_modules()
+                    if isinstance(m, DeployLayer) and m.requantization is not None}
+    # conv1 -> bn1 -> relu -> aq; conv2 -> bn2 -> aq (before the residual add); conv3 -> bn3 ->
+    # aq; branch -> relu -> aq. The Linear is not a conv.
+    assert requantizing == {"conv1", "conv2", "conv3", "branch"}
+    layer = deploy.get_submodule("conv3")
+    x = torch.relu(images(8, 3)[:, :1].repeat(1, 8, 1, 1))
+    step = layer.requantization.input_scale
+    x = torch.round(x / step).clamp(0, 15) * step  # on the input quantizer's grid
+    with torch.no_grad():
+        fused = layer(x)
+        saved, layer.requantization = layer.requantization, None
+        plain = layer(x)
+    out_step = saved.output_scale
+    # both on the output grid, equal but for the roundings the fused form does differently
+    codes = torch.round(fused / out_step)
+    torch.testing.assert_close(fused, codes * out_step, rtol=0, atol=0)
+    moved = torch.round(plain / out_step).clamp(saved.low, saved.high) != codes
+    assert moved.float().mean() < 1e-3

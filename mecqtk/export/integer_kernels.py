@@ -1,0 +1,174 @@
+"""What onnxruntime's integer kernels compute, for the deploy form to compute the same.
+
+The exported file holds QuantizeLinear/DequantizeLinear pairs around float ops. onnxruntime fuses
+a group such as DequantizeLinear -> Conv -> QuantizeLinear into one integer kernel, whose
+arithmetic is exact integer sums followed by one float32 requantization, ``round(float32(acc) *
+m)``. PyTorch's float op followed by ``round(y / s_y)`` rounds differently wherever a value sits
+near a half code: one moved code in millions changed 1-2 % of the top-1 decisions of 4-bit hrnet
+and dla34, and 2x2 squeeze-excitation means of mobilenetv3 land on exact halves (sum / 4) every
+few values. So the deploy form, and the model in eval mode (:mod:`~mecqtk.export.deploy_eval`),
+compute the kernels' arithmetic for these groups; each returns its output quantizer's
+dequantized output, which that quantizer then passes on unchanged. While ``torch.export`` traces
+the deploy form they compute the plain float op, which is what the file holds.
+
+onnxruntime's formulas (x86, MLAS):
+
+- QLinearConv: ``acc = sum((x - zx) * (w - zw)) + bias_codes`` (int32),
+  ``m[c] = float32(float32(s_x * s_w[c]) / s_y)``, ``q = clamp(round_half_even(float32(acc) *
+  m[c]) + zy)``.
+- QLinearGlobalAveragePool: ``acc = sum(x - zx)`` over the H*W pixels,
+  ``m = float32(s_x / float32(s_y * float32(H*W)))``, the same rounding; the kernel refuses an
+  ``m`` outside [2**-32, 256) (then the graph keeps a float ReduceMean, see
+  :func:`~mecqtk.export.onnx_export.global_average_pools`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mecqtk.export.qparams import activation_params
+from mecqtk.quant.layer_forms import LayerForm
+from mecqtk.quant.quantizers import FakeQuantizer, Mode
+
+Tensor = torch.Tensor
+
+# the range of the step ratio QLinearGlobalAveragePool accepts (MLAS throws outside it)
+QLINEAR_POOL_RATIO = (2.0**-32, 256.0)
+
+
+def qlinear_pool_multiplier(input_step: float, output_step: float, pixels: int) -> float | None:
+    """QLinearGlobalAveragePool's float32 multiplier, or None when the kernel refuses it."""
+    f32 = np.float32
+    ratio = f32(f32(input_step) / f32(f32(output_step) * f32(pixels)))
+    low, high = QLINEAR_POOL_RATIO
+    return float(ratio) if low <= ratio < high else None
+
+
+def quantizes(quantizer: Any) -> bool:
+    """Whether ``quantizer`` (fake-quant or frozen) is on its integer grid now."""
+    if isinstance(quantizer, FakeQuantizer):
+        return quantizer.mode is Mode.QUANTIZE and bool(quantizer.initialized)
+    return quantizer is not None
+
+
+@dataclass(frozen=True)
+class OutputGrid:
+    """A per-tensor activation quantizer's grid as the file stores it: its float32 step, its
+    zero point and container, and its clamp on the grid of codes minus the zero point."""
+
+    step: float
+    zero: int
+    low: float
+    high: float
+    container: torch.dtype
+
+    @classmethod
+    def of(cls, quantizer: Any, where: str = "") -> OutputGrid:
+        """From a :class:`FakeQuantizer` or a frozen quantizer of the convert stage."""
+        if isinstance(quantizer, FakeQuantizer):
+            params = activation_params(quantizer, where)
+            zero = int(np.asarray(params.storage_zero_point).reshape(-1)[0])
+            qmin = params.grid.qmin + params.grid.offset
+            qmax = params.grid.qmax + params.grid.offset
+            step = float(np.asarray(params.scale, np.float32).reshape(-1)[0])
+            container = torch.from_numpy(np.asarray(params.storage_zero_point)).dtype
+        else:
+            zero = int(quantizer.zero_point.reshape(-1)[0].item())
+            qmin, qmax = quantizer.qmin, quantizer.qmax
+            step = float(quantizer.scale.reshape(-1)[0].item())
+            container = quantizer.zero_point.dtype
+        return cls(step, zero, float(qmin - zero), float(qmax - zero), container)
+
+    def dequantized(self, scaled: Tensor) -> Tensor:
+        """The quantizer's output for the requantized values ``scaled`` (float32)."""
+        step = torch.tensor(self.step, dtype=torch.float32, device=scaled.device)
+        return torch.round(scaled).clamp(self.low, self.high) * step
+
+
+class IntegerRequantization(nn.Module):
+    """QLinearConv's arithmetic for a conv whose output goes straight to a quantizer (through the
+    BatchNorm it absorbs and a ReLU the zero point makes redundant)."""
+
+    def __init__(self, input_step: float, output: OutputGrid) -> None:
+        super().__init__()
+        self.register_buffer("input_scale", torch.tensor(input_step, dtype=torch.float32))
+        self.register_buffer("output_scale", torch.tensor(output.step, dtype=torch.float32))
+        self.output = output
+
+    @property
+    def low(self) -> float:
+        return self.output.low
+
+    @property
+    def high(self) -> float:
+        return self.output.high
+
+    def forward(self, deploy: nn.Module, form: LayerForm, x: Tensor) -> Tensor:
+        """The output of ``deploy`` (a :class:`~mecqtk.export.convert.DeployLayer` whose form
+        is ``form``) for ``x``, which lies on the input grid."""
+        codes = torch.round(x.float() / self.input_scale)
+        shift = float(2 ** deploy.bits_shift)
+        stored = deploy.weight_codes.float()
+        zero = deploy.weight_zero_point.float()
+        if zero.numel() > 1:
+            zero = zero.reshape(-1, *[1] * (stored.dim() - 1))
+        weight = (stored - zero) / shift  # exact: codes are shifted left by ``shift``
+        # float32 sums integers exactly up to 2**24; beyond that, accumulate in float64
+        bound = codes.abs().max() * weight.abs().flatten(1).sum(1).max()
+        wide = bool(bound >= 2 ** 24)
+        acc = form.apply(deploy.layer, codes.double() if wide else codes,
+                         weight.double() if wide else weight, None).double() * shift
+        channels = [-1 if d == 1 else 1 for d in range(acc.dim())]
+        if deploy.bias_codes is not None:
+            acc = acc + deploy.bias_codes.double().reshape(channels)
+        multiplier = (self.input_scale * deploy.weight_scale) / self.output_scale
+        return self.output.dequantized(acc.float() * multiplier.reshape(channels))
+
+
+class IntegerSpatialMean(nn.Module):
+    """``x.mean(dims, keepdim=True)`` over the two spatial axes, between two quantizers: in eval
+    mode, QLinearGlobalAveragePool's arithmetic; in training (and in the export trace), the
+    float mean, bit for bit what the graph computed before.
+
+    The quantizers are held by reference (they are the graph's own modules): the one whose grid
+    ``x`` lies on and the one that reads the mean.
+    """
+
+    def __init__(self, dims: tuple[int, ...], source: nn.Module, target: nn.Module) -> None:
+        super().__init__()
+        self.dims = dims
+        self.quantizers = (source, target)  # a tuple: not registered as submodules
+        self._key: tuple | None = None
+        self._grids: tuple[OutputGrid, OutputGrid] | None = None
+
+    def extra_repr(self) -> str:
+        return f"dims={self.dims}"
+
+    def _current_grids(self) -> tuple[OutputGrid, OutputGrid]:
+        tensors = [t for q in self.quantizers for t in (*q.parameters(), *q.buffers())]
+        key = tuple((id(t), t._version) for t in tensors)
+        if self._grids is None or key != self._key:
+            self._grids = (OutputGrid.of(self.quantizers[0]), OutputGrid.of(self.quantizers[1]))
+            self._key = key
+        return self._grids
+
+    def forward(self, x: Tensor) -> Tensor:
+        source, target = self.quantizers
+        if (self.training or torch.compiler.is_exporting() or not quantizes(source)
+                or not quantizes(target) or source.training or target.training
+                or getattr(source, "axis", None) is not None
+                or getattr(target, "axis", None) is not None):
+            return x.mean(self.dims, keepdim=True)
+        inputs, output = self._current_grids()
+        multiplier = qlinear_pool_multiplier(inputs.step, output.step,
+                                             x.shape[-1] * x.shape[-2])
+        if multiplier is None or output.container != torch.uint8:
+            return x.mean(self.dims, keepdim=True)  # the file keeps a float ReduceMean
+        codes = torch.round(x.float() / inputs.step)
+        acc = codes.double().sum(self.dims, keepdim=True)  # exact integer sums
+        return output.dequantized(acc.float() * multiplier)
