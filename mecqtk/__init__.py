@@ -9,6 +9,6 @@ from mecqtk.graph import prepare
 from mecqtk.quant.calibrate import calibrate
 from mecqtk.recipe import Recipe, load_recipe
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["Recipe", "__version__", "calibrate", "load_recipe", "prepare"]

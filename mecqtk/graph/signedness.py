@@ -39,6 +39,17 @@ _ALL_INPUTS_FUNCTIONS = {operator.add, torch.add, torch.cat, operator.mul, torch
 _ALL_INPUTS_METHODS = {"add", "mul"}
 
 
+def _ends_nonnegative(module: nn.Module) -> bool:
+    """A timm norm-act layer (BatchNormAct2d, GroupNormAct, ...) whose activation, applied
+    last, is non-negative: its output is."""
+    from timm.layers import norm_act
+
+    return isinstance(module, norm_act.BatchNormAct2d | norm_act.GroupNormAct
+                      | norm_act.GroupNorm1Act | norm_act.LayerNormAct
+                      | norm_act.LayerNormAct2d) and isinstance(
+        getattr(module, "act", None), _NONNEG_MODULES)
+
+
 def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
     return list(node.all_input_nodes)
 
@@ -61,7 +72,7 @@ def nonnegative_values(gm: fx.GraphModule) -> set[str]:
         )
         if node.op == "call_module":
             module = modules[node.target]
-            if isinstance(module, _NONNEG_MODULES) or (
+            if isinstance(module, _NONNEG_MODULES) or _ends_nonnegative(module) or (
                 isinstance(module, _PRESERVING_MODULES) and first_ok
             ):
                 nonneg.add(node.name)

@@ -46,6 +46,9 @@ class FakeQuantizer(nn.Module):
         self.register_buffer("step_floor", torch.full_like(self.scale.detach(), MIN_STEP))
         # the step after the last projection (0: not calibrated yet), see keep_step_valid
         self.register_buffer("previous_step", torch.zeros_like(self.scale.detach()))
+        # the integer grid, saved with the step: a checkpoint trained on another grid (an older
+        # mecqtk proved fewer values non-negative) is refused, not evaluated on this one
+        self.register_buffer("grid", torch.tensor([float(self.qmin), float(self.qmax)]))
         self.mode = Mode.QUANTIZE
         self.observer: Observer | None = None
 
@@ -122,13 +125,20 @@ class FakeQuantizer(nn.Module):
         self.scale.copy_(torch.maximum(self.scale, floor))
         self.previous_step.copy_(self.scale)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
         # run folders written before step floors existed: the old absolute floor
         scale = state_dict.get(prefix + "scale")
         if scale is not None:
             state_dict.setdefault(prefix + "step_floor", torch.full_like(scale, MIN_STEP))
             state_dict.setdefault(prefix + "previous_step", scale.detach().clone())
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        saved = state_dict.get(prefix + "grid")
+        if isinstance(saved, torch.Tensor) and not torch.equal(saved.to(self.grid), self.grid):
+            error_msgs.append(
+                f"{prefix[:-1]} was trained on the integer grid [{saved[0]:.0f}, "
+                f"{saved[1]:.0f}]; this model builds [{self.qmin}, {self.qmax}]")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     def start_observing(self, observer: str | None = None) -> None:
         """Pass values through and collect them; ``observer`` overrides the spec's."""

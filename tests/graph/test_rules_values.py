@@ -97,3 +97,27 @@ def test_signedness_analysis():
     nonneg = nonnegative_values(trace(Signs()))
     assert {"act", "max_pool2d", "add", "sigmoid", "mul", "cat", "flatten", "softmax"} <= nonneg
     assert not {"x", "conv", "sub", "mul_1", "conv_1"} & nonneg
+
+
+class NormActs(nn.Module):
+    """timm's fused norm + activation layers (inception_v3, densenet, mobilenetv2, regnet)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from timm.layers import BatchNormAct2d
+
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.relu6 = BatchNormAct2d(4, act_layer=nn.ReLU6)
+        self.relu = BatchNormAct2d(4, act_layer=nn.ReLU)
+        self.silu = BatchNormAct2d(4, act_layer=nn.SiLU)
+        self.plain = BatchNormAct2d(4, apply_act=False)
+
+    def forward(self, x):
+        x = self.conv(x)
+        return self.relu6(x), self.relu(x), self.silu(x), self.plain(x)
+
+
+def test_norm_act_layers_ending_in_a_nonnegative_activation_are_nonnegative():
+    nonneg = nonnegative_values(trace(NormActs()))
+    assert {"relu6", "relu"} <= nonneg
+    assert not {"silu", "plain", "conv"} & nonneg
