@@ -51,6 +51,7 @@ class QuantizeOptions:
     checkpoint: str | None = None
     pretrained: bool = False
     epochs: int | None = None
+    batch_size: int | None = None  # overrides the recipe's train.batch_size
     limit_train: int | None = None
     limit_val: int | None = None
     device: str = "auto"
@@ -75,6 +76,8 @@ def quantize(options: QuantizeOptions) -> RunSummary:
     recipe = load_recipe(options.recipe)
     if options.epochs is not None:
         recipe = replace(recipe, train=replace(recipe.train, epochs=options.epochs))
+    if options.batch_size is not None:
+        recipe = replace(recipe, train=replace(recipe.train, batch_size=options.batch_size))
     device = resolve_device(options.device)
     context = init_distributed(device)
     try:

@@ -23,7 +23,7 @@ def test_quantize_writes_a_complete_run_folder(shared_dir, tmp_path):
         "--checkpoint", str(shared_dir / "data/weights/cifar-resnet/resnet20-12fca82f.th"),
         "--recipe", str(recipe), "--data", f"imagefolder:{shared_dir / 'data/cifar10-jpeg'}",
         "--limit-train", "320", "--limit-val", "200", "--out", str(out), "--no-progress",
-        "--json",
+        "--json", "--batch-size", "40",
     ])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout.strip().splitlines()[-1])
@@ -37,6 +37,7 @@ def test_quantize_writes_a_complete_run_folder(shared_dir, tmp_path):
     assert metrics[0]["val_top1"] == summary["quant_top1"]
     resolved = yaml.safe_load((out / "recipe.yaml").read_text())
     assert resolved["quant"]["weight"]["bits"] == 4 and resolved["train"]["epochs"] == 1
+    assert resolved["train"]["batch_size"] == 40  # --batch-size overrides the recipe's 32
     assert (out / "report.json").is_file() and (out / "report.html").is_file()
     # integer ONNX exported and checked against the trained model with onnxruntime
     export = written["export"]

@@ -42,6 +42,9 @@ def without_nproc(argv: list[str]) -> list[str]:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Run folder [default: runs/<model>_<recipe>].")
 @click.option("--epochs", type=click.IntRange(min=0), help="Override the recipe's train.epochs.")
+@click.option("--batch-size", type=click.IntRange(min=1),
+              help="Override the recipe's train.batch_size (e.g. when a large input size does "
+                   "not fit in memory at the recipe's batch).")
 @click.option("--limit-train", type=click.IntRange(min=1), help="Class-balanced training subset.")
 @click.option("--limit-val", type=click.IntRange(min=1), help="Class-balanced evaluation subset.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
@@ -58,8 +61,8 @@ def without_nproc(argv: list[str]) -> list[str]:
 @click.option("--no-export", is_flag=True,
               help="Skip the integer ONNX export and its onnxruntime check at the end.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON line.")
-def quantize_command(model, recipe, data, checkpoint, pretrained, out, epochs, limit_train,
-                     limit_val, device, workers, force, resume, nproc, no_progress,
+def quantize_command(model, recipe, data, checkpoint, pretrained, out, epochs, batch_size,
+                     limit_train, limit_val, device, workers, force, resume, nproc, no_progress,
                      no_report, no_export, as_json) -> None:
     """Quantize MODEL as RECIPE says, train it on DATA, and write a run folder.
 
@@ -83,7 +86,8 @@ def quantize_command(model, recipe, data, checkpoint, pretrained, out, epochs, l
         out = Path("runs") / f"{model}_{Path(recipe).stem}"
     options = QuantizeOptions(
         model=model, recipe=recipe, data=data, out=out, checkpoint=checkpoint,
-        pretrained=pretrained, epochs=epochs, limit_train=limit_train, limit_val=limit_val,
+        pretrained=pretrained, epochs=epochs, batch_size=batch_size, limit_train=limit_train,
+        limit_val=limit_val,
         device=device, force=force, resume=resume, workers=workers,
         show_progress=not no_progress, report=not no_report, export=not no_export,
     )
