@@ -31,8 +31,12 @@ from mecqtk.train.optim import build_optimizer
 DEFAULT_RECIPE = "w4a4_lsq.yaml"
 # optimizer steps doctor takes by default: the first updates are where a step size breaks
 DEFAULT_STEPS = 3
-# their batch: BatchNorm in train mode over 2 samples of a 1x1 feature map has a variance of
-# 0 whenever both quantize to the same code, which no real training batch sees
+# their batch, which calibration sees too: BatchNorm in train mode over 2 samples of a 1x1
+# feature map has a variance of 0 whenever both quantize to the same code, which no real
+# training batch sees; and statistics settled on 2 images leave each channel of a 1x1 map one
+# degree of freedom, so eval-mode calibration on them set efficientnet_b0's activation steps
+# past blocks.5.0 to 1e2..1e18 times what training computes (constant logits, an infinite
+# gradient at the first step). The user's path calibrates on many real batches.
 TRAIN_BATCH = 16
 # Weight step sizes for the check come from min-max: per-channel MSE on millions of weights
 # takes most of a minute on a CPU. Activations use the recipe's own observers, as training does.
@@ -143,15 +147,17 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
 
 
-def _run_once(qmodel: nn.Module, x: torch.Tensor) -> tuple[bool, bool, tuple[str, ...], str | None]:
-    """Calibrate on ``x``, one forward + backward in train mode, one forward in eval mode;
-    (forward_ok, backward_ok, quantized layers that never ran, error)."""
+def _run_once(qmodel: nn.Module, x: torch.Tensor,
+              calibration: torch.Tensor) -> tuple[bool, bool, tuple[str, ...], str | None]:
+    """Calibrate on ``calibration``, then one forward + backward of ``x`` in train mode and one
+    forward in eval mode; (forward_ok, backward_ok, quantized layers that never ran, error)."""
     ran: set[str] = set()
     layers = [site.name for site in quantized_layers(qmodel)]
     hooks = [qmodel.get_submodule(n).register_forward_hook(lambda mod, *_, name=n: ran.add(name))
              for n in layers]
     try:
-        calibrate(qmodel, [x], weight_observer=CHECK_WEIGHT_OBSERVER)  # settles BN statistics
+        # settles BN statistics too
+        calibrate(qmodel, [calibration], weight_observer=CHECK_WEIGHT_OBSERVER)
         invalid = first_invalid_step(qmodel)
         if invalid is not None:
             return False, False, (), f"after calibration, {invalid[0]}: {invalid[1]}"
@@ -257,13 +263,13 @@ def check_model(
             ops[row.kind] = ops.get(row.kind, 0) + 1
     torch.manual_seed(seed)
     x = torch.randn(batch_size, *size)
-    forward_ok, backward_ok, not_run, error = _run_once(qmodel, x)
+    batch = torch.randn(max(batch_size, TRAIN_BATCH), *size,
+                        generator=torch.Generator().manual_seed(seed + 1))
+    forward_ok, backward_ok, not_run, error = _run_once(qmodel, x, batch)
     losses: tuple[float, ...] = ()
     train_error = None
     if forward_ok and backward_ok and steps > 0:
         try:
-            batch = torch.randn(max(batch_size, TRAIN_BATCH), *size,
-                                generator=torch.Generator().manual_seed(seed + 1))
             losses, train_error = _train_steps(qmodel, loaded, batch, steps, seed)
         except Exception as err:  # reported, not raised, like every other doctor failure
             train_error = f"training step: {_first_line(err)}"

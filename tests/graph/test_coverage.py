@@ -24,20 +24,9 @@ QUICK = ("resnet18d", "mobilevit_xxs", "deit_tiny_patch16_224", "tf_efficientnet
 RECIPES = ("w2a2_lsq.yaml", "w4a4_lsq.yaml")
 
 
-# Known failure (docs/benchmarks.md, "doctor --steps 5"): on random-noise images train-mode
-# BatchNorm over its 1x1 last stages amplifies the backward pass ~100x per block until it
-# overflows; the model trains on real images. strict: the day it passes, this must be removed.
-EXPLODING_GRADIENTS = {"efficientnet_b0"}
-
-
 def _params(names):
-    params = []
-    for name in names:
-        marks = [] if name in QUICK else [pytest.mark.slow]
-        if name in EXPLODING_GRADIENTS:
-            marks.append(pytest.mark.xfail(strict=True, reason="gradients overflow on noise"))
-        params.append(pytest.param(name, marks=marks))
-    return params
+    return [pytest.param(name, marks=[] if name in QUICK else [pytest.mark.slow])
+            for name in names]
 
 
 @pytest.mark.parametrize("recipe", RECIPES)

@@ -176,3 +176,14 @@ def test_doctor_takes_optimizer_steps():
     assert len(result.losses) == 4 and all(math.isfinite(v) for v in result.losses)
     assert result.smallest_step > 0
     assert result.as_json()["steps"] == 4
+
+
+def test_doctor_calibrates_on_its_training_batch(one_torch_thread):
+    # calibrated on the 2-image check batch, efficientnet_b0's activation steps past blocks.5.0
+    # came out 1e2..1e18 times what training computes (statistics settled on 2 images leave a
+    # 1x1 map's channels one degree of freedom): constant logits and an infinite gradient of
+    # conv_stem at the first optimizer step
+    model = timm.create_model("efficientnet_b0")
+    result = check_model(model, "w2a2_lsq.yaml", input_size=(3, 32, 32), steps=2)
+    assert result.ok, (result.error, result.train_error)
+    assert len(set(result.losses)) == 2 and all(math.isfinite(v) for v in result.losses)
