@@ -118,14 +118,17 @@ class IntegerRequantization(nn.Module):
         if zero.numel() > 1:
             zero = zero.reshape(-1, *[1] * (stored.dim() - 1))
         weight = (stored - zero) / shift  # exact: codes are shifted left by ``shift``
-        # float32 sums integers exactly up to 2**24; beyond that, accumulate in float64
+        # float32 sums integers exactly up to 2**24, and the shift only moves the exponent; one
+        # float32 add of the (exact) bias rounds the exact sum as float32(int32 sum) does. Beyond
+        # 2**24 (wide 8-bit layers, huge biases) accumulate in float64 instead.
         bound = codes.abs().max() * weight.abs().flatten(1).sum(1).max()
-        wide = bool(bound >= 2 ** 24)
-        acc = form.apply(deploy.layer, codes.double() if wide else codes,
-                         weight.double() if wide else weight, None).double() * shift
+        bias = deploy.bias_codes
+        wide = bool(bound >= 2 ** 24) or (bias is not None and bool(bias.abs().max() >= 2 ** 24))
+        dtype = torch.float64 if wide else torch.float32
+        acc = form.apply(deploy.layer, codes.to(dtype), weight.to(dtype), None) * shift
         channels = [-1 if d == 1 else 1 for d in range(acc.dim())]
-        if deploy.bias_codes is not None:
-            acc = acc + deploy.bias_codes.double().reshape(channels)
+        if bias is not None:
+            acc = acc + bias.to(dtype).reshape(channels)
         multiplier = (self.input_scale * deploy.weight_scale) / self.output_scale
         return self.output.dequantized(acc.float() * multiplier.reshape(channels))
 
@@ -170,5 +173,8 @@ class IntegerSpatialMean(nn.Module):
         if multiplier is None or output.container != torch.uint8:
             return x.mean(self.dims, keepdim=True)  # the file keeps a float ReduceMean
         codes = torch.round(x.float() / inputs.step)
-        acc = codes.double().sum(self.dims, keepdim=True)  # exact integer sums
+        # exact integer sums (float32 is exact up to 2**24, and a spatial sum stays far below
+        # that only for small maps and codes)
+        wide = codes.abs().max() * x.shape[-1] * x.shape[-2] >= 2 ** 24
+        acc = codes.to(torch.float64 if wide else torch.float32).sum(self.dims, keepdim=True)
         return output.dequantized(acc.float() * multiplier)
