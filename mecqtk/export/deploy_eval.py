@@ -30,7 +30,7 @@ import torch.fx as fx
 from torch import nn
 
 from mecqtk.export.convert import DeployLayer, _batchnorm_tail, _deploy_layer
-from mecqtk.export.integer_kernels import IntegerSpatialMean
+from mecqtk.export.integer_kernels import IntegerSpatialMean, quantizes
 from mecqtk.graph.introspect import (
     batchnorm_user,
     feeding_quantizer,
@@ -40,14 +40,9 @@ from mecqtk.graph.introspect import (
 )
 from mecqtk.graph.ops import image_mean_dims
 from mecqtk.quant.modules import QuantizedLayer
-from mecqtk.quant.quantizers import FakeQuantizer, Mode
+from mecqtk.quant.quantizers import FakeQuantizer
 
 Tensor = torch.Tensor
-
-
-def _quantizing(quantizer: FakeQuantizer | None) -> bool:
-    return quantizer is not None and quantizer.mode is Mode.QUANTIZE and bool(
-        quantizer.initialized)
 
 
 class DeployForm:
@@ -68,13 +63,13 @@ class DeployForm:
 
     def active(self) -> bool:
         """Whether this forward uses the deploy form: eval mode, quantizers quantizing."""
-        if not self.enabled or self.layer.training or not _quantizing(self.layer.weight_quantizer):
+        if not self.enabled or self.layer.training or not quantizes(self.layer.weight_quantizer):
             return False
         return self.batchnorm is None or not self.batchnorm.training
 
     def _input_step(self) -> float | None:
         quantizer = self.input_quantizer
-        if _quantizing(quantizer) and quantizer is not None and quantizer.axis is None:
+        if quantizes(quantizer) and quantizer is not None and quantizer.axis is None:
             return float(quantizer.step_size().item())
         return None
 
