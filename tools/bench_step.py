@@ -1,16 +1,38 @@
-"""Median training-step time of FP, QAT-LSQ and QAT-LSQ+MEC variants, as ratios to FP.
+"""Median training-step time of float, QAT and QAT+MEC configurations, as ratios to float.
+
+A configuration is ``[model/]variant[+flag...]``:
+
+- variants: ``fp`` (float), ``w4a4`` / ``w2a2`` (mecqtk LSQ recipes), ``fx_w8a8`` (torch.ao's
+  FX QAT with the x86 default qconfig, fused fake-quant kernels: the tool mecqtk replaces), and
+  the MEC variants of ``w2a2`` (``qat_lsq`` is ``w2a2``; ``qat_lsq_mec``, ``..._k4``, ...);
+- flags: ``compile`` (torch.compile of the whole model, as ``train.compile_model`` does),
+  ``cudagraphs`` (compile with mode reduce-overhead), ``bf16`` (autocast), ``cl``
+  (channels_last), ``eager`` (mecqtk's fake-quant without its separately compiled kernels).
+
+Without ``model/``, a configuration runs for every ``--models``. Ratios are to the same model's
+``fp`` configuration with the same ``bf16``/``cl`` flags and no compile (what users compare a QAT
+step with), and to ``fp+compile`` with those flags when it was measured.
+
+``--parallel`` runs each configuration in its own process: all build and compile at once, then
+wait for each other and take turns for the timed steps (a GPU measures one at a time, and no
+compile competes for the CPU while it does).
 
 Example:
     python tools/bench_step.py                       # resnet18 and cifar_resnet20, CPU
-    python tools/bench_step.py --models resnet18 --steps 8 --json
+    python tools/bench_step.py --device cuda --size 224 --batch 64 --models resnet18 resnet50 \\
+        --configs fp fp+compile fx_w8a8 w4a4 w4a4+compile w2a2+compile --parallel
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import fcntl
 import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,97 +48,243 @@ from mecqtk.models import create_model
 from mecqtk.quant.arith import use_compiled_kernels
 from mecqtk.recipe import MECConfig, OptimizerConfig, ScheduleConfig
 from mecqtk.train import build_optimizer, build_scheduler
+from mecqtk.train.compiled import compile_student, graph_breaks
 from mecqtk.train.loop import TrainStep, train_one_epoch
 from mecqtk.train.terms import build_loss_terms
 
-VARIANTS = {
+# variant -> (recipe, MEC term); None: the float model
+VARIANTS: dict[str, tuple[str, MECConfig] | None] = {
     "fp": None,
-    "qat_lsq": MECConfig(enabled=False),
-    "qat_lsq_mec": MECConfig(enabled=True, view="self"),
-    "qat_lsq_mec_k4": MECConfig(enabled=True, view="self", experts=4),
-    "qat_lsq_mec_teacher": MECConfig(enabled=True, view="teacher"),
-    "qat_lsq_mec_teacher_k4": MECConfig(enabled=True, view="teacher", experts=4),
+    "w4a4": ("w4a4_lsq", MECConfig(enabled=False)),
+    "w2a2": ("w2a2_lsq", MECConfig(enabled=False)),
+    "qat_lsq": ("w2a2_lsq", MECConfig(enabled=False)),
+    "qat_lsq_mec": ("w2a2_lsq", MECConfig(enabled=True, view="self")),
+    "qat_lsq_mec_k4": ("w2a2_lsq", MECConfig(enabled=True, view="self", experts=4)),
+    "qat_lsq_mec_teacher": ("w2a2_lsq", MECConfig(enabled=True, view="teacher")),
+    "qat_lsq_mec_teacher_k4": ("w2a2_lsq", MECConfig(enabled=True, view="teacher", experts=4)),
+    "fx_w8a8": None,
 }
+FLAGS = ("compile", "cudagraphs", "bf16", "cl", "eager")
+CPU_DEFAULT = ["fp", "qat_lsq", "qat_lsq_mec", "qat_lsq_mec_k4", "qat_lsq_mec_teacher",
+               "qat_lsq_mec_teacher_k4"]
 
 
-def step_times(model_name: str, variant: str, batch: int, size: int, steps: int,
-               warmup: int, device: torch.device) -> list[float]:
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: str
+    variant: str
+    flags: frozenset[str]
+
+    @classmethod
+    def parse(cls, text: str, model: str) -> Config:
+        if "/" in text:
+            model, text = text.split("/", 1)
+        variant, *flags = text.split("+")
+        if variant not in VARIANTS:
+            raise SystemExit(f"unknown variant {variant!r}; use one of {', '.join(VARIANTS)}")
+        unknown = set(flags) - set(FLAGS)
+        if unknown:
+            raise SystemExit(f"unknown flag(s) {sorted(unknown)}; use {', '.join(FLAGS)}")
+        return cls(model, variant, frozenset(flags))
+
+    @property
+    def name(self) -> str:
+        return "+".join([self.variant, *[f for f in FLAGS if f in self.flags]])
+
+    def reference(self, compiled: bool) -> str:
+        """The float configuration this one is compared with: the same precision and memory
+        format, eager or compiled."""
+        flags = [f for f in FLAGS if f in self.flags and f in ("bf16", "cl")]
+        return "+".join(["fp", *(["compile"] if compiled else []), *flags])
+
+
+def _fx_qat(model: torch.nn.Module, images: torch.Tensor) -> torch.nn.Module:
+    from torch.ao.quantization import get_default_qat_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import prepare_qat_fx
+
+    return prepare_qat_fx(model.train(), get_default_qat_qconfig_mapping("x86"), (images,))
+
+
+def build_step(config: Config, batch: int, size: int, device: torch.device) -> tuple[TrainStep,
+                                                                                      list]:
     torch.manual_seed(0)
-    float_model = create_model(model_name, num_classes=10).to(device)
+    float_model = create_model(config.model, num_classes=10).to(device)
     images = torch.randn(batch, 3, size, size, device=device)
     labels = torch.randint(0, 10, (batch,), device=device)
-    recipe = load_recipe("w2a2_lsq")
-    mec = VARIANTS[variant]
     terms: list = []
-    if mec is None:
+    setting = VARIANTS[config.variant]
+    if config.variant == "fx_w8a8":
+        model = _fx_qat(float_model, images)
+    elif setting is None:
         model = float_model
     else:
-        recipe = dataclasses.replace(recipe, mec=mec)
+        recipe_name, mec = setting
+        recipe = dataclasses.replace(load_recipe(recipe_name), mec=mec)
         model = prepare(float_model, recipe).to(device)
         calibrate(model, [images])
         terms = build_loss_terms(recipe, float_model, model, model, 100, images[:8], device)
+    if "cl" in config.flags:
+        model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, OptimizerConfig(lr=0.001))
     for term in terms:
         params = list(term.trainable.parameters())
         if params:
             optimizer.add_param_group({"params": params, "weight_decay": 0.0})
     scheduler = build_scheduler(optimizer, ScheduleConfig(name="constant"), 1000, 100)
-    config = TrainStep(model=model, optimizer=optimizer, scheduler=scheduler, device=device,
-                       extra_terms=terms)
-    stamps: list[float] = []
+    if "cudagraphs" in config.flags:
+        model = compile_student(model, "reduce-overhead")
+    elif "compile" in config.flags:
+        model = compile_student(model, "default")
+    step = TrainStep(model=model, optimizer=optimizer, scheduler=scheduler, device=device,
+                     amp="bf16" if "bf16" in config.flags else "none",
+                     channels_last="cl" in config.flags, extra_terms=terms)
+    return step, [(images, labels)]
 
-    def after_step(step: int, stats) -> None:
+
+@contextlib.contextmanager
+def turn(turns: Path | None, expected: int, wait_s: float = 360.0):
+    """Wait until ``expected`` processes are ready (at most ``wait_s``: a slow compile must not
+    stall the others forever), then hold the lock while timing."""
+    if turns is None:
+        yield
+        return
+    (turns / f"{os.getpid()}.ready").touch()
+    deadline = time.monotonic() + wait_s
+    while (len(list(turns.glob("*.ready"))) + len(list(turns.glob("*.failed"))) < expected
+           and time.monotonic() < deadline):
+        time.sleep(0.5)
+    with open(turns / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def measure(config: Config, batch: int, size: int, steps: int, warmup: int,
+            device: torch.device, turns: Path | None = None, expected: int = 1) -> dict:
+    use_compiled_kernels("eager" not in config.flags)
+    step, batches = build_step(config, batch, size, device)
+
+    def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
+
+    started = time.perf_counter()
+    train_one_epoch(step, batches * warmup, epoch=0, start_step=0)
+    sync()
+    warmup_s = time.perf_counter() - started
+    stamps: list[float] = []
+
+    def after_step(index: int, stats) -> None:
+        sync()
         stamps.append(time.perf_counter())
 
-    start = time.perf_counter()
-    train_one_epoch(config, [(images, labels)] * (warmup + steps + 1), epoch=0, start_step=0,
-                    after_step=after_step)
-    deltas = [b - a for a, b in zip([start, *stamps], stamps, strict=False)]
-    return deltas[warmup + 1:]
+    with turn(turns, expected):
+        sync()
+        start = time.perf_counter()
+        train_one_epoch(step, batches * steps, epoch=0, start_step=warmup, after_step=after_step)
+    times = [b - a for a, b in zip([start, *stamps], stamps, strict=False)]
+    return {"model": config.model, "config": config.name, "median_s": statistics.median(times),
+            "min_s": min(times), "max_s": max(times), "warmup_s": round(warmup_s, 2),
+            "graph_breaks": graph_breaks()}
+
+
+def run_parallel(configs: list[Config], args: argparse.Namespace) -> list[dict]:
+    """One process per configuration (see the module docstring)."""
+    turns = Path(args.turns_dir or f"/tmp/bench_step_turns.{os.getpid()}")
+    turns.mkdir(parents=True, exist_ok=True)
+    for stale in [*turns.glob("*.ready"), *turns.glob("*.failed"), *turns.glob("*.jsonl")]:
+        stale.unlink()
+    threads = max(1, (os.cpu_count() or 2) // len(configs))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads),
+           "TORCHINDUCTOR_COMPILE_THREADS": str(max(1, threads))}
+    procs = []
+    for config in configs:
+        command = [sys.executable, __file__, "--one", f"{config.model}/{config.name}",
+                   "--batch", str(args.batch), "--size", str(args.size), "--steps",
+                   str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
+                   "--turns-dir", str(turns), "--expect", str(len(configs))]
+        procs.append((config, subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                                               stderr=subprocess.PIPE, text=True)))
+    results = []
+    for config, proc in procs:
+        out, err = proc.communicate()
+        lines = [line for line in out.splitlines() if line.startswith("{")]
+        if proc.returncode == 0 and lines:
+            results.append(json.loads(lines[-1]))
+        else:
+            (turns / f"{proc.pid}.failed").touch()
+            tail = err.strip().splitlines()[-1:] or ["no output"]
+            results.append({"model": config.model, "config": config.name,
+                            "error": tail[0][:200]})
+    return results
+
+
+def table(results: list[dict], title: str) -> Table:
+    out = Table(title=title)
+    for column in ("model", "configuration", "median ms", "min-max ms", "x fp", "x fp+compile",
+                   "warm-up s", "graph breaks"):
+        out.add_column(column, justify="left" if column in ("model", "configuration")
+                       else "right")
+    by_name = {(r["model"], r["config"]): r for r in results if "median_s" in r}
+    for r in results:
+        if "median_s" not in r:
+            out.add_row(r["model"], r["config"], "failed: " + r["error"], "", "", "", "", "")
+            continue
+        config = Config.parse(r["config"], r["model"])
+        ratios = []
+        for compiled in (False, True):
+            ref = by_name.get((r["model"], config.reference(compiled)))
+            ratios.append(f"{r['median_s'] / ref['median_s']:.2f}" if ref else "-")
+        out.add_row(r["model"], r["config"], f"{1000 * r['median_s']:.1f}",
+                    f"{1000 * r['min_s']:.1f}-{1000 * r['max_s']:.1f}", *ratios,
+                    f"{r['warmup_s']:.1f}", str(r["graph_breaks"]))
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["resnet18", "cifar_resnet20"])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--configs", nargs="+", default=CPU_DEFAULT,
+                        help="[model/]variant[+flag...] (see above)")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=7, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=15,
-                        help="untimed steps first (fake-quant kernels compile on first use)")
+                        help="untimed steps first (kernels and compiled models build on first use)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--eager", action="store_true", help="eager fake-quant kernels")
-    parser.add_argument("--json", action="store_true", help="last line: one JSON object")
+    parser.add_argument("--parallel", action="store_true",
+                        help="one process per configuration; warm up together, time in turns")
+    parser.add_argument("--json", action="store_true", help="last line: one JSON list")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--turns-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--expect", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
-    use_compiled_kernels(not args.eager)
-    results: dict[str, dict[str, float]] = {}
+    if args.one:
+        config = Config.parse(args.one, "")
+        turns = Path(args.turns_dir) if args.turns_dir else None
+        line = json.dumps(measure(config, args.batch, args.size, args.steps, args.warmup,
+                                  device, turns, args.expect))
+        if turns is not None:  # kept even if the parent is stopped before it prints
+            with open(turns / "results.jsonl", "a") as results:
+                results.write(line + "\n")
+        print(line)
+        return
+    configs = []
+    for text in args.configs:
+        for model in ([None] if "/" in text else args.models):
+            configs.append(Config.parse(text, model or ""))
+    if args.parallel:
+        results = run_parallel(configs, args)
+    else:
+        results = [measure(c, args.batch, args.size, args.steps, args.warmup, device)
+                   for c in configs]
     console = Console(stderr=args.json)
-    table = Table(title=f"median step time, batch {args.batch} at {args.size}x{args.size}, "
-                        f"{device}, {torch.get_num_threads()} threads")
-    table.add_column("model")
-    table.add_column("variant")
-    table.add_column("median s", justify="right")
-    table.add_column("min-max s", justify="right")
-    table.add_column("x FP", justify="right")
-    table.add_column("x QAT-LSQ", justify="right")
-    for model_name in args.models:
-        results[model_name] = {}
-        for variant in args.variants:
-            times = step_times(model_name, variant, args.batch, args.size, args.steps,
-                               args.warmup, device)
-            median = statistics.median(times)
-            results[model_name][variant] = median
-            fp = results[model_name].get("fp")
-            lsq = results[model_name].get("qat_lsq")
-            table.add_row(model_name, variant, f"{median:.4f}",
-                          f"{min(times):.3f}-{max(times):.3f}",
-                          f"{median / fp:.2f}" if fp else "-",
-                          f"{median / lsq:.3f}" if lsq and variant != "fp" else "-")
-    console.print(table)
+    console.print(table(results, f"median step time, batch {args.batch} at "
+                                 f"{args.size}x{args.size}, {device}, torch {torch.__version__}"))
     if args.json:
         print(json.dumps(results))
 

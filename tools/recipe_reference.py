@@ -91,9 +91,10 @@ def describe_type(tp: Any) -> tuple[str, str]:
         return "string", _code_list(get_args(tp))
     if origin in (typing.Union, types.UnionType):
         options = [a for a in get_args(tp) if a is not type(None)]
-        (only,) = options  # recipes use unions only for "X or null"
-        name, allowed = describe_type(only)
-        return f"{name} or null", allowed
+        described = [describe_type(a) for a in options]
+        names = " or ".join(name for name, _ in described)
+        allowed = ", ".join(a for _, a in described if a)
+        return (f"{names} or null" if type(None) in get_args(tp) else names), allowed
     if origin in (tuple, list):
         name, allowed = describe_type(get_args(tp)[0])
         return f"list of {name}", allowed

@@ -127,6 +127,38 @@ class _FakeQuantize(torch.autograd.Function):
         return grad_x, grad_s, grad_zp, None, None, None
 
 
+def _traceable_fake_quantize(x, scale, zero_point, qmin: int, qmax: int, grad_scale: float):
+    """The same values and gradients as :class:`_FakeQuantize`, as a plain differentiable
+    expression: what ``torch.compile`` of a whole QAT model traces, so that inductor fuses each
+    quantizer into its neighbouring kernels (an autograd.Function or a custom op stays one opaque
+    call per quantizer).
+
+    The forward value is the eager kernel's exactly: the integer grid is computed without
+    gradient, and each gradient path is added as ``(t - t.detach()) * coefficient``, which is
+    exactly zero in value. The ``x`` gradient is the straight-through mask itself (bit-identical
+    to eager); the step and zero-point gradients are the same per-element terms, summed in
+    whatever order the fused reduction takes.
+    """
+    step = scale.detach()
+    scaled = x.detach() / step
+    if zero_point is None:
+        low, high = qmin, qmax
+        clamped = scaled.clamp(low, high)
+    else:
+        zero = zero_point.detach()
+        clamped = torch.clamp(scaled, qmin - zero, qmax - zero)
+    codes = torch.round(clamped)
+    inside = clamped == scaled
+    out = codes * step
+    if scale.requires_grad:
+        out = out + (scale - step) * ((codes - torch.where(inside, scaled, 0.0)) * grad_scale)
+    if zero_point is not None and zero_point.requires_grad:
+        out = out + (zero_point - zero) * (torch.where(inside, 0.0, -step) * grad_scale)
+    if x.requires_grad:
+        out = out + torch.where(inside, x - x.detach(), 0.0)
+    return out
+
+
 def fake_quantize(
     x: torch.Tensor,
     scale: torch.Tensor,
@@ -138,12 +170,16 @@ def fake_quantize(
 ) -> torch.Tensor:
     """Quantize-dequantize ``x`` on the grid ``scale * ([qmin, qmax] - zero_point)``.
 
-    ``scale`` (and ``zero_point``, which must hold integers) broadcast against ``x``.
+    ``scale`` (and ``zero_point``, which must hold integers) broadcast against ``x``. Eager
+    calls run the fused kernels of :func:`use_compiled_kernels`; inside ``torch.compile`` of a
+    model the same arithmetic is traced as plain ops, so inductor fuses it with its neighbours.
 
     Example:
         >>> fake_quantize(torch.tensor([0.26, -3.0]), torch.tensor(0.5), -2, 1)
         tensor([ 0.5000, -1.0000])
     """
+    if torch.compiler.is_compiling():
+        return _traceable_fake_quantize(x, scale, zero_point, qmin, qmax, grad_scale)
     return _FakeQuantize.apply(x, scale, zero_point, qmin, qmax, grad_scale)
 
 

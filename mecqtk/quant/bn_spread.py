@@ -11,9 +11,10 @@ BatchNorms, weight gradients of 1e5, and a NaN loss at the third SGD step.
 The fix is at that source: on maps of at most :data:`TINY_MAP_PIXELS` pixels, a channel's batch
 standard deviation is taken as at least :data:`SPREAD_FLOOR` times the median over the layer's
 channels. It is done by a forward pre-hook that scales the channel's deviations from its batch
-mean by a constant ``k < 1`` (no gradient through ``k``), so the BatchNorm itself, its running
-statistics, its checkpoint keys and its eval-mode arithmetic (what the export folds) stay as
-they are; a channel above the floor is passed through untouched, bit for bit.
+mean by a constant ``k < 1`` (no gradient through ``k``), so the BatchNorm itself, its checkpoint
+keys and its eval-mode arithmetic (what the export folds) stay as they are; a channel above the
+floor is passed through untouched, bit for bit. A floored channel's running variance records
+the floor (what training divided by), not its shrunk batch variance.
 """
 
 from __future__ import annotations
@@ -42,13 +43,28 @@ class SpreadFloor:
             sigma = torch.sqrt(var + bn.eps)
             floor = SPREAD_FLOOR * sigma.median()
             below = sigma < floor
-            if not bool(below.any()):
-                return None
             # standard BatchNorm of mean + k (x - mean) divides x - mean by sqrt(k^2 var + eps)
             # / k; this k makes that exactly the floor
-            k = torch.sqrt(bn.eps / (floor**2 - var).clamp_min(bn.eps)).to(x.dtype)
-            mean = mean.to(x.dtype)
+            k = torch.sqrt(bn.eps / (floor**2 - var).clamp_min(bn.eps))
+            self._record_floor(bn, below, k**2 * var, floor**2 - bn.eps, x[:, 0].numel())
+            k, mean = k.to(x.dtype), mean.to(x.dtype)
+        # no data-dependent early exit (it would break a compiled graph): a channel above the
+        # floor takes x itself, bit for bit
         return (torch.where(below, mean + (x - mean) * k, x), *args[1:])
+
+    @staticmethod
+    def _record_floor(bn: nn.Module, below: torch.Tensor, shrunk_var: torch.Tensor,
+                      floor_var: torch.Tensor, count: int) -> None:
+        """Make the running variance of a floored channel track the floor, not the shrunk batch
+        variance: eval mode must divide by what training divided by. BatchNorm's update is
+        ``(1 - m) r + m v``; adding ``m (target - v) / (1 - m)`` to ``r`` first turns it into
+        ``(1 - m) r + m target``."""
+        momentum = bn.momentum
+        if bn.running_var is None or momentum is None or not 0 < momentum < 1:
+            return  # cumulative averages: left as BatchNorm keeps them
+        unbiased = shrunk_var * (count / max(count - 1, 1))
+        shift = (floor_var - unbiased) * (momentum / (1 - momentum))
+        bn.running_var.add_(torch.where(below, shift, 0.0).reshape(-1).to(bn.running_var))
 
 
 def floor_batchnorm_spread(model: nn.Module) -> int:

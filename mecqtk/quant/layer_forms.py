@@ -13,13 +13,16 @@ at the ``F.conv*``/``F.linear`` call of their forward instead.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+from timm.layers.conv2d_same import Conv2dSame, Conv2dSameExport
+from timm.layers.linear import Linear as TimmLinear
+from timm.layers.padding import pad_same
+from timm.layers.std_conv import ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
 from torch import nn
 
 Tensor = torch.Tensor
@@ -42,8 +45,9 @@ def _standardised(layer: nn.Module) -> Tensor:
     scale = getattr(layer, "scale", None)
     weight = None if gain is None else (gain * scale).view(-1)
     flat = layer.weight.reshape(1, layer.out_channels, -1)
-    return F.batch_norm(flat, None, None, weight=weight, training=True, momentum=0.0,
-                        eps=layer.eps).reshape_as(layer.weight)
+    return F.batch_norm(
+        flat, None, None, weight=weight, training=True, momentum=0.0, eps=layer.eps
+    ).reshape_as(layer.weight)
 
 
 def _conv(layer: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -54,45 +58,37 @@ def _linear(layer: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) ->
     return F.linear(x, weight, bias)
 
 
-def _same_padded_conv(layer: nn.Module, x: Tensor, weight: Tensor,
-                      bias: Tensor | None) -> Tensor:
+def _same_padded_conv(layer: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """TF 'SAME' padding computed from the input size, then the conv (timm's conv2d_same)."""
-    from timm.layers.padding import pad_same
-
     if getattr(layer, "same_pad", True):
         x = pad_same(x, layer.kernel_size, layer.stride, layer.dilation)
-    return F.conv2d(x, weight, bias, layer.stride, layer.padding, layer.dilation,
-                    layer.groups)
+    return F.conv2d(x, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
 
 
 PLAIN_CONV = LayerForm(_raw_weight, _conv)
 PLAIN_LINEAR = LayerForm(_raw_weight, _linear)
 
 
-@functools.cache
-def _table() -> dict[type, LayerForm]:
-    from timm.layers.conv2d_same import Conv2dSame, Conv2dSameExport
-    from timm.layers.linear import Linear as TimmLinear
-    from timm.layers.std_conv import ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
-
-    return {
-        nn.Conv1d: PLAIN_CONV,
-        nn.Conv2d: PLAIN_CONV,
-        nn.Conv3d: PLAIN_CONV,
-        nn.Linear: PLAIN_LINEAR,
-        TimmLinear: PLAIN_LINEAR,  # casts only under TorchScript
-        Conv2dSame: LayerForm(_raw_weight, _same_padded_conv),
-        Conv2dSameExport: LayerForm(_raw_weight, _same_padded_conv),
-        StdConv2d: LayerForm(_standardised, _conv),
-        ScaledStdConv2d: LayerForm(_standardised, _conv),
-        StdConv2dSame: LayerForm(_standardised, _same_padded_conv),
-        ScaledStdConv2dSame: LayerForm(_standardised, _same_padded_conv),
-    }
+# a module-level table, not a cached function: the lookup runs inside every quantized layer's
+# forward, which torch.compile traces
+_TABLE: dict[type, LayerForm] = {
+    nn.Conv1d: PLAIN_CONV,
+    nn.Conv2d: PLAIN_CONV,
+    nn.Conv3d: PLAIN_CONV,
+    nn.Linear: PLAIN_LINEAR,
+    TimmLinear: PLAIN_LINEAR,  # casts only under TorchScript
+    Conv2dSame: LayerForm(_raw_weight, _same_padded_conv),
+    Conv2dSameExport: LayerForm(_raw_weight, _same_padded_conv),
+    StdConv2d: LayerForm(_standardised, _conv),
+    ScaledStdConv2d: LayerForm(_standardised, _conv),
+    StdConv2dSame: LayerForm(_standardised, _same_padded_conv),
+    ScaledStdConv2dSame: LayerForm(_standardised, _same_padded_conv),
+}
 
 
 def layer_form(layer: nn.Module) -> LayerForm | None:
     """The form of ``layer``'s class, or None when a subclass computes something unknown."""
-    table = _table()
+    table = _TABLE
     if type(layer) in table:
         return table[type(layer)]
     for base in type(layer).__mro__[1:]:
@@ -109,7 +105,13 @@ class WeightInterceptor(torch.overrides.TorchFunctionMode):
     """
 
     CALLS: ClassVar = {
-        F.conv1d, F.conv2d, F.conv3d, F.linear, torch.conv1d, torch.conv2d, torch.conv3d,
+        F.conv1d,
+        F.conv2d,
+        F.conv3d,
+        F.linear,
+        torch.conv1d,
+        torch.conv2d,
+        torch.conv3d,
     }
 
     def __init__(self, transform: Callable[[Tensor], Tensor]) -> None:

@@ -84,24 +84,12 @@ class FakeQuantizer(nn.Module):
         floor = self.step_floor.to(self.scale)
         return torch.where(self.scale >= floor, self.scale, floor)
 
-    @torch.no_grad()
     def keep_step_valid(self) -> None:
         """Project the learned step back onto ``[step_floor, inf)`` after an optimizer update
         (projected gradient descent: the LSQ gradient itself is unchanged). A momentum-driven
         update can take a step of small-fanout layers (depthwise, squeeze-excitation) below
         zero in one iteration. No host sync: safe to call every step on a GPU."""
-        floor = self.step_floor.to(self.scale)
-        previous = self.previous_step.to(self.scale)
-        # one update moves a step by at most a factor MAX_STEP_CHANGE either way: from an
-        # over-confident initialisation the first gradients push every activation step down at
-        # once, and a step that collapses in one iteration clips its whole tensor to one code
-        # (seen: efficientnet_b0 at W2A2 went constant, then NaN, at its third SGD step)
-        low = torch.maximum(previous / self.MAX_STEP_CHANGE, floor)
-        bounded = torch.minimum(torch.where(self.scale >= low, self.scale, low),  # NaN -> low
-                                previous * self.MAX_STEP_CHANGE)
-        valid = previous > 0  # before calibration there is nothing to compare with
-        self.scale.copy_(torch.where(valid, bounded, torch.maximum(self.scale, floor)))
-        self.previous_step.copy_(self.scale)
+        _project_steps([self])
 
     def invalid_step(self) -> str | None:
         """Why the learned step is unusable (non-finite, or below its floor), or None."""
@@ -175,9 +163,11 @@ class FakeQuantizer(nn.Module):
         if self.mode is Mode.BYPASS:
             return x
         if x.dtype != torch.float32 and x.is_floating_point():
-            # under AMP the grid is still computed exactly in float32, as ONNX does
+            # under AMP the codes are still computed exactly in float32, as ONNX computes them;
+            # the dequantized value goes on in the autocast dtype, as the float layer's would
+            # (compiled, the casts fuse into the quantizer's kernel)
             with torch.autocast(x.device.type, enabled=False):
-                return self(x.float())
+                return self(x.float()).to(x.dtype)
         if self.training and not self.scale.requires_grad:
             self.track_range(x)
         zero_point = self.zero_point()
@@ -293,6 +283,28 @@ class PACTQuantizer(FakeQuantizer):
         return out + (scale - scale.detach()) * clipped
 
 
+@torch.no_grad()
+def _project_steps(quantizers: list[FakeQuantizer]) -> None:
+    """:meth:`FakeQuantizer.keep_step_valid` of all ``quantizers`` at once: the steps, floors and
+    previous steps are concatenated, so a model's hundreds of quantizers cost a dozen kernel
+    launches per optimizer step instead of a dozen each (on a GPU, launches are the cost)."""
+    step = torch.cat([q.scale.detach().reshape(-1) for q in quantizers])
+    floor = torch.cat([q.step_floor.reshape(-1) for q in quantizers]).to(step)
+    previous = torch.cat([q.previous_step.reshape(-1) for q in quantizers]).to(step)
+    # one update moves a step by at most a factor MAX_STEP_CHANGE either way: from an
+    # over-confident initialisation the first gradients push every activation step down at
+    # once, and a step that collapses in one iteration clips its whole tensor to one code
+    # (seen: efficientnet_b0 at W2A2 went constant, then NaN, at its third SGD step)
+    low = torch.maximum(previous / FakeQuantizer.MAX_STEP_CHANGE, floor)
+    bounded = torch.minimum(torch.where(step >= low, step, low),  # NaN -> low
+                            previous * FakeQuantizer.MAX_STEP_CHANGE)
+    calibrated = previous > 0  # before calibration there is nothing to compare with
+    projected = torch.where(calibrated, bounded, torch.maximum(step, floor))
+    pieces = list(projected.split([q.scale.numel() for q in quantizers]))
+    torch._foreach_copy_([q.scale.data for q in quantizers], pieces)
+    torch._foreach_copy_([q.previous_step for q in quantizers], pieces)
+
+
 def keep_steps_valid(model: nn.Module) -> None:
     """Project every learned step of ``model`` back above its floor; call after each optimizer
     step (mecqtk's training loop and ``doctor`` do; so should a hand-written loop).
@@ -300,9 +312,10 @@ def keep_steps_valid(model: nn.Module) -> None:
     Example:
         >>> optimizer.step(); keep_steps_valid(qmodel)
     """
-    for module in model.modules():
-        if isinstance(module, FakeQuantizer) and module.scale.requires_grad:
-            module.keep_step_valid()
+    learned = [m for m in model.modules()
+               if isinstance(m, FakeQuantizer) and m.scale.requires_grad]
+    if learned:
+        _project_steps(learned)
 
 
 def first_invalid_step(model: nn.Module) -> tuple[str, str] | None:

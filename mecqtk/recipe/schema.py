@@ -289,7 +289,14 @@ class TrainConfig:
     fused_quantizers: bool = constrained(
         True, doc="run fake-quant arithmetic through torch.compile (bit-identical, much faster)"
     )
-    compile_model: bool = constrained(False, doc="torch.compile the whole student model")
+    compile_model: bool | Literal["auto"] = constrained(
+        "auto", doc="torch.compile the whole student model, fusing each fake-quantizer into its "
+        "neighbouring kernels (the GPU fast path); auto: on CUDA only"
+    )
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = (
+        constrained("default", doc="torch.compile mode of the student model (reduce-overhead: "
+                    "CUDA graphs)")
+    )
     amp: Literal["none", "bf16", "fp16"] = constrained(
         "none", doc="autocast precision; fp16 (with a grad scaler) only on CUDA"
     )

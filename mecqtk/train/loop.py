@@ -148,12 +148,6 @@ def train_one_epoch(
             for term in s.extra_terms:
                 terms.update(term(images, labels, logits, step))
         loss = sum(v for k, v in terms.items() if not k.startswith("log_"))
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            raise NonFiniteLossError(
-                f"loss is {loss_value} at step {step} (epoch {epoch + 1}); training stopped "
-                "and the last good checkpoint is kept; lower train.optimizer.lr or raise the bits"
-            )
         s.optimizer.zero_grad(set_to_none=True)
         if s.scaler is not None:
             s.scaler.scale(loss).backward()
@@ -169,6 +163,14 @@ def train_one_epoch(
             s.optimizer.step()
         keep_steps_valid(s.model)
         s.scheduler.step()
+        # read only now: the host waits for the GPU once per step, after the whole step is
+        # queued (a bad update is never checkpointed: checkpoints come after this check)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise NonFiniteLossError(
+                f"loss is {loss_value} at step {step} (epoch {epoch + 1}); training stopped "
+                "and the last good checkpoint is kept; lower train.optimizer.lr or raise the bits"
+            )
         batch = labels.numel()
         stats.loss_sum += loss_value * batch
         stats.correct += int((logits.argmax(dim=1) == labels).sum().item())

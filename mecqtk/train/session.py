@@ -25,6 +25,7 @@ from mecqtk.progress import progress_bar, say
 from mecqtk.quant.bn_fold import bn_epoch_start
 from mecqtk.recipe import Recipe
 from mecqtk.train.checkpoint import FORMAT, capture_rng, restore_rng
+from mecqtk.train.compiled import compile_student, compiles, graph_breaks
 from mecqtk.train.distributed import DistContext, barrier, sum_over_ranks
 from mecqtk.train.loop import EpochStats, TrainStep, evaluate, train_one_epoch
 from mecqtk.train.optim import build_optimizer, build_scheduler
@@ -62,8 +63,9 @@ class TrainingSession:
             student = nn.parallel.DistributedDataParallel(
                 qmodel, device_ids=[device.index] if device.type == "cuda" else None,
             )
-        if train.compile_model:
-            student = torch.compile(student)
+        self.compiled = compiles(train.compile_model, device)
+        if self.compiled:
+            student = compile_student(student, train.compile_mode)
         probe = next(iter(data.train_loader))[0][:16].to(device)
         # the second MEC view runs the plain module: DDP allows one forward per backward
         self.terms = build_loss_terms(recipe, float_model, qmodel, qmodel,
@@ -152,6 +154,7 @@ class TrainingSession:
         epochs = recipe.train.epochs
         every = recipe.train.checkpoint_every_steps
         self.quant_top1 = self.history[-1]["val_top1"] if self.history else self.quant_top1
+        first_step = {"started": time.perf_counter(), "reported": not self.compiled}
         for epoch in range(self.start_epoch, epochs):
             epoch_start_step = epoch * self.steps_per_epoch
             done = self.global_step - epoch_start_step
@@ -161,6 +164,12 @@ class TrainingSession:
 
             def after_step(step: int, stats: EpochStats, epoch: int = epoch) -> None:
                 self.global_step = step
+                if not first_step["reported"]:
+                    # the first compiled step pays for compiling, once per process
+                    first_step["reported"] = True
+                    self.say(f"compiled the training step in "
+                             f"{time.perf_counter() - first_step['started']:.1f} s "
+                             f"({graph_breaks()} graph breaks)")
                 if every and step % every == 0 and step % self.steps_per_epoch:
                     self.save(epoch, step, stats)
 

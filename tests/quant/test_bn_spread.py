@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 
@@ -71,3 +72,21 @@ def test_prepare_gives_every_batchnorm_the_floor():
     assert all(any(isinstance(h, SpreadFloor) for h in bn._forward_pre_hooks.values())
                for bn in bns)
     assert floor_batchnorm_spread(qmodel) == 0  # once only
+
+
+def test_running_variance_of_a_floored_channel_records_the_floor():
+    """Eval mode divides by sqrt(running_var + eps): a floored channel must have learned the
+    floor there, not its shrunk batch variance (which left it dividing by sqrt(eps))."""
+    bn = nn.BatchNorm2d(4).train()
+    floor_batchnorm_spread(bn)
+    x = _input(1).detach()
+    x[:, 0] += 1e-4 * torch.randn(64, 1, 1, generator=torch.Generator().manual_seed(2))
+    for _ in range(150):
+        bn(x)
+    sigma = torch.sqrt(x.var((0, 2, 3), unbiased=False) + bn.eps)
+    floor = SPREAD_FLOOR * float(sigma.median())
+    # converged (0.9**150 of the initial 1 is left): the floored channel divides by the floor
+    assert float(torch.sqrt(bn.running_var[0] + bn.eps)) == pytest.approx(floor, rel=0.02)
+    # the other channels keep BatchNorm's own unbiased batch variance
+    unbiased = x[:, 1:].var((0, 2, 3), unbiased=True)
+    torch.testing.assert_close(bn.running_var[1:], unbiased, rtol=0.01, atol=1e-3)

@@ -41,3 +41,34 @@ def test_compiled_kernels_are_bit_identical_to_eager(compiled, case):
     assert (fast[3] is None) == (slow[3] is None)
     if fast[3] is not None:
         assert torch.allclose(fast[3], slow[3], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("case", ["per_tensor", "per_channel", "zero_point"])
+def test_traced_expression_under_torch_compile_equals_the_eager_kernels(case):
+    """What torch.compile of a whole QAT model traces (arith._traceable_fake_quantize, fused by
+    inductor) computes the eager kernels' values and input gradients bit for bit."""
+    torch.manual_seed(1)
+    if case == "per_channel":
+        x, scale, zp, q = torch.randn(16, 8, 3, 3), torch.rand(16, 1, 1, 1) + 0.05, None, (-8, 7)
+    elif case == "zero_point":
+        x, scale, zp = torch.randn(4, 8, 5, 5), torch.tensor(0.013), torch.tensor(100.0)
+        q = (0, 255)
+    else:
+        x, scale, zp, q = torch.randn(4, 8, 5, 5) * 3, torch.tensor(0.1), None, (0, 3)
+    # exact halves: x/s lands on .5 and must round to even in both
+    x.view(-1)[:8] = scale.view(-1)[0] * torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, 3.5, 6.5, -7.5])
+    traced = torch.compile(arith._traceable_fake_quantize, fullgraph=True)
+
+    def run(fn):
+        xs = x.clone().requires_grad_(True)
+        ss = scale.clone().requires_grad_(True)
+        zs = None if zp is None else zp.clone().requires_grad_(True)
+        y = fn(xs, ss, zs, *q, 0.1)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        return y.detach(), xs.grad, ss.grad, None if zs is None else zs.grad
+
+    fused, eager = run(traced), run(arith._FakeQuantize.apply)
+    assert torch.equal(fused[0], eager[0]) and torch.equal(fused[1], eager[1])
+    torch.testing.assert_close(fused[2], eager[2], rtol=1e-5, atol=1e-7)
+    if zp is not None:
+        torch.testing.assert_close(fused[3], eager[3], rtol=1e-5, atol=1e-7)

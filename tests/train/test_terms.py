@@ -118,7 +118,7 @@ def test_second_view_is_a_shifted_flipped_copy():
     assert not torch.equal(view, images)
 
 
-def test_fake_quant_stays_exact_float32_under_bf16_autocast():
+def test_fake_quant_under_bf16_autocast_computes_float32_codes_and_returns_bf16():
     spec = dataclasses.replace(
         prepare(create_model("cifar_resnet20", num_classes=10), load_recipe("w4a4_lsq"))
         .get_submodule("aq_x").spec)
@@ -127,10 +127,11 @@ def test_fake_quant_stays_exact_float32_under_bf16_autocast():
     x = torch.randn(64, 8).to(torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = quantizer(x)
-    assert y.dtype == torch.float32
-    codes = y / 0.1
-    assert torch.allclose(codes, codes.round(), atol=1e-4)
-    assert torch.equal(y, quantizer(x.float()))
+    # the autocast dtype goes on (as the float layer's output would), the codes are ONNX's
+    assert y.dtype == torch.bfloat16
+    codes = torch.round(x.float() / torch.tensor(0.1)).clamp(quantizer.qmin, quantizer.qmax)
+    assert torch.equal(y, (codes * torch.tensor(0.1)).to(torch.bfloat16))
+    assert torch.equal(y, quantizer(x.float()).to(torch.bfloat16))
 
 
 def test_steps_that_are_not_learned_follow_the_data_in_training():
