@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 
@@ -16,8 +17,10 @@ from mecqtk.data import build_data
 from mecqtk.doctor import check_model
 from mecqtk.quant.arith import fake_quantize
 from mecqtk.quant.calibrate import has_initial_statistics, settle_batchnorm
+from mecqtk.quant.modules import layer_weight_quantizers
 from mecqtk.quant.quantizers import (
     FakeQuantizer,
+    Mode,
     first_invalid_step,
     keep_steps_valid,
     make_quantizer,
@@ -116,6 +119,55 @@ def test_batchnorm_statistics_are_settled_only_when_still_initial():
     torch.testing.assert_close(model[1].running_mean, features.mean(dim=(0, 2, 3)),
                                atol=1e-5, rtol=1e-5)
     assert model[1].momentum == 0.1 and model.training
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_calibration_fits_the_batchnorm_statistics_of_the_models_mode(training):
+    """Two images on a 1x1 map give each channel one degree of freedom: eval mode on statistics
+    settled from them amplifies every difference from the settling pass. A model in training mode
+    is calibrated on what training computes (batch statistics), one in eval mode on what eval
+    computes; the settled running statistics are the same either way."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 32, 4), nn.BatchNorm2d(32), nn.ReLU(),  # 1x1 maps from here on
+        nn.Conv2d(32, 32, 1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(32, 32, 1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Flatten(), nn.Linear(32, 10))
+    qmodel = mecqtk.prepare(model, mecqtk.load_recipe("w2a2_lsq.yaml")).train(training)
+    images = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    settled = copy.deepcopy(qmodel)
+    settle_batchnorm(settled, [images])
+    mecqtk.calibrate(qmodel, [images], observer="minmax")
+    assert qmodel.training == training
+    for name, buffer in settled.named_buffers():
+        if "running" in name:
+            assert torch.equal(buffer, qmodel.get_buffer(name)), name
+    weights = {id(q) for q in layer_weight_quantizers(qmodel).values()}
+    activations = {name: q for name, q in qmodel.named_modules()
+                   if isinstance(q, FakeQuantizer) and id(q) not in weights}
+    seen = {}
+    for name, quantizer in activations.items():
+        quantizer.mode = Mode.BYPASS  # float activations, as calibration observes them
+        quantizer.register_forward_pre_hook(
+            lambda module, args, name=name: seen.__setitem__(name, args[0].abs().max()))
+    with torch.no_grad():
+        qmodel(images)
+    assert len(seen) == len(activations) == 4
+    for name, quantizer in activations.items():  # in training mode, before: 3.07, 1.40, 53.8
+        bound = max(-quantizer.qmin, quantizer.qmax)  # for the 1.0 training computes
+        torch.testing.assert_close(quantizer.scale.detach() * bound, seen[name].reshape(1),
+                                   rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_doctor_calibrating_on_two_images_leaves_efficientnet_alive(one_torch_thread):
+    # before: activation steps 1e2-1e18 times the training activations past blocks.5.0, constant
+    # logits (loss ln 1000) and an infinite gradient at the first or second step
+    torch.manual_seed(0)
+    model = timm.create_model("efficientnet_b0")
+    result = check_model(model, "w2a2_lsq.yaml", input_size=(3, 32, 32), name="efficientnet_b0",
+                         steps=2)
+    assert result.ok, (result.error, result.train_error)
+    assert abs(result.losses[0] - math.log(1000)) > 1e-3, result.losses
 
 
 # depthwise + squeeze-excitation + hard-swish (mobilenetv3), depthwise + SE + swish (efficientnet):
