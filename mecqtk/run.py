@@ -132,6 +132,12 @@ def _run(options: QuantizeOptions, recipe: Recipe, device: torch.device, context
     if resume_state is None:
         fp_top1 = evaluate_on_main(float_model, data, device, context, "eval float", show)
         tell(f"float model: top-1 {fp_top1:.2f} %")
+        if recipe.distill.enabled or (recipe.mec.enabled and recipe.mec.view == "teacher"):
+            # a teacher weaker than the student costs accuracy: say which model it is
+            source = options.checkpoint or ("timm's pretrained weights" if options.pretrained
+                                            else "timm's random initialisation")
+            tell(f"teacher (distillation / MEC teacher view): this float model, from {source}, "
+                 f"top-1 {fp_top1:.2f} %")
         calibrate(qmodel, (images for images, _ in
                            itertools.islice(data.train_loader, recipe.quant.calibration.batches)))
         average_parameters(qmodel, context)

@@ -12,6 +12,10 @@ wall time, between markers in docs/benchmarks.md.
 
 Example (the default budget: 2 FP epochs, then 1 epoch per variant and seed):
     python tools/bench_accuracy.py
+Side by side (after the FP fine-tune, the variant runs share the machine) and, at any time, the
+table of what has finished so far (unfinished runs marked):
+    python tools/bench_accuracy.py --parallel 4
+    python tools/bench_accuracy.py --parallel 4 --table-only --no-doc
 On a GPU, a longer budget:
     python tools/bench_accuracy.py --device cuda --fp-epochs 10 --epochs 30 --seeds 0,1,2 \
         --out runs/bench_gpu
@@ -27,6 +31,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,14 +112,11 @@ def variant_recipe(variant: Variant, epochs: int, seed: int) -> dict[str, Any]:
     return recipe
 
 
-def run_quantize(name: str, recipe: dict[str, Any], checkpoint: Path, args: argparse.Namespace,
-                 console: Console) -> dict[str, Any]:
-    """One `mecqtk quantize` run; its summary (reused when the run already finished)."""
+def quantize_command(name: str, recipe: dict[str, Any], checkpoint: Path,
+                     args: argparse.Namespace) -> list[str]:
+    """The `mecqtk quantize` command of one run (resuming its folder if a checkpoint is there);
+    writes the run's recipe file."""
     folder = args.out / name
-    summary = folder / "summary.json"
-    if summary.is_file():
-        console.print(f"[dim]{name}: finished earlier, reusing {summary}[/]")
-        return json.loads(summary.read_text())
     recipe_file = args.out / "recipes" / f"{name}.yaml"
     recipe_file.parent.mkdir(parents=True, exist_ok=True)
     recipe_file.write_text(yaml.safe_dump(recipe, sort_keys=False))
@@ -128,9 +130,54 @@ def run_quantize(name: str, recipe: dict[str, Any], checkpoint: Path, args: argp
         command += ["--limit-train", str(args.limit_train)]
     if (folder / "checkpoint.pt").is_file():
         command.append("--resume")
-    console.rule(f"{name}")
-    subprocess.run(command, check=True, cwd=REPO)
-    return json.loads(summary.read_text())
+    return command
+
+
+def run_outcome(folder: Path) -> dict[str, Any] | None:
+    """What a run folder holds: its summary when finished, else the epochs it has logged
+    (``partial``), or None before its first epoch."""
+    per_epoch = []
+    metrics = folder / "metrics.jsonl"
+    if metrics.is_file():
+        per_epoch = [json.loads(line)["val_top1"] for line in metrics.read_text().splitlines()
+                     if line.strip()]
+    summary = folder / "summary.json"
+    if summary.is_file():
+        return {**json.loads(summary.read_text()), "per_epoch": per_epoch, "partial": False}
+    if not per_epoch:
+        return None
+    seconds = sum(json.loads(line).get("epoch_seconds", 0.0)
+                  for line in metrics.read_text().splitlines() if line.strip())
+    return {"quant_top1": per_epoch[-1], "wall_seconds": seconds, "per_epoch": per_epoch,
+            "partial": True}
+
+
+def run_quantize(name: str, recipe: dict[str, Any], checkpoint: Path, args: argparse.Namespace,
+                 console: Console, threads: int | None = None) -> dict[str, Any] | None:
+    """One `mecqtk quantize` run; its outcome (reused when the run already finished). With
+    ``threads`` (runs side by side) the run's output goes to ``run.log`` in its folder and a
+    failed run is reported, not raised."""
+    folder = args.out / name
+    done = run_outcome(folder)
+    if done is not None and not done["partial"]:
+        console.print(f"[dim]{name}: finished earlier, reusing {folder / 'summary.json'}[/]")
+        return done
+    if args.table_only:
+        return done
+    command = quantize_command(name, recipe, checkpoint, args)
+    if threads is None:
+        console.rule(f"{name}")
+        subprocess.run(command, check=True, cwd=REPO)
+        return run_outcome(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    console.print(f"{name}: started ({threads} threads, log {folder / 'run.log'})")
+    with open(folder / "run.log", "a") as log:
+        code = subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                              check=False).returncode
+    outcome = run_outcome(folder)
+    console.print(f"{name}: {'finished' if code == 0 else f'failed (exit {code})'}")
+    return outcome
 
 
 def spread(values: list[float]) -> str:
@@ -138,6 +185,13 @@ def spread(values: list[float]) -> str:
         return f"{values[0]:.2f}"
     half_range = (max(values) - min(values)) / 2
     return f"{statistics.mean(values):.2f} ± {half_range:.2f}"
+
+
+def row_label(row: dict[str, Any]) -> str:
+    """A row's label; an unfinished row says how many epochs each of its runs has done."""
+    if not row["partial"]:
+        return row["label"]
+    return f"{row['label']} (unfinished: {', '.join(f'{len(e)} ep' for e in row['per_epoch'])})"
 
 
 def markdown(rows: list[dict[str, Any]], command: str, wall: float, args: argparse.Namespace,
@@ -163,7 +217,7 @@ def markdown(rows: list[dict[str, Any]], command: str, wall: float, args: argpar
     for row in rows[1:]:
         delta = statistics.mean(row["top1"]) - fp["top1"][0]
         lines.append(
-            f"| {row['label']} | {spread(row['top1'])} | {delta:+.2f} | "
+            f"| {row_label(row)} | {spread(row['top1'])} | {delta:+.2f} | "
             f"{', '.join(f'{v:.2f}' for v in row['top1'])} | "
             f"{statistics.mean(row['minutes']):.1f} |"
         )
@@ -213,6 +267,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--section", default="bench_accuracy",
                         help="name of the docs section the table replaces")
     parser.add_argument("--no-doc", action="store_true", help="only print the table")
+    parser.add_argument("--parallel", type=int, default=1,
+                        help="variant runs side by side (one process each, the CPU threads "
+                             "split between them; on one GPU, several runs share it)")
+    parser.add_argument("--table-only", action="store_true",
+                        help="start nothing: the table of what the run folders hold now, "
+                             "unfinished runs marked with the epochs they have done")
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
@@ -223,20 +283,34 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{what} {path} not found (set MECQTK_SHARED or pass it)")
     console = Console(stderr=True)
     if args.fp_run is not None:
-        fp = json.loads((args.fp_run / "summary.json").read_text())
+        fp = run_outcome(args.fp_run)
         fine_tuned = args.fp_run / "checkpoint.pt"
     else:
         fp_recipe = merged(FP_RECIPE, {"train": {"epochs": args.fp_epochs, "seed": seeds[0]}})
         fp = run_quantize("fp_finetune", fp_recipe, args.checkpoint, args, console)
         fine_tuned = args.out / "fp_finetune" / "checkpoint.pt"
+    if fp is None or fp["partial"]:
+        parser.error(f"the FP fine-tune has not finished ({args.out / 'fp_finetune'})")
+    console.print(f"teacher of distillation and of MEC's teacher view: the FP fine-tune "
+                  f"({fine_tuned}), top-1 {fp['quant_top1']:.2f} %")
     rows = [{"label": "FP fine-tune", "top1": [fp["quant_top1"]],
-             "minutes": [fp["wall_seconds"] / 60], "epochs": fp["epochs"]}]
+             "minutes": [fp["wall_seconds"] / 60], "epochs": fp["epochs"],
+             "per_epoch": [fp.get("per_epoch", [])], "partial": False}]
+    runs = [(key, seed) for key in args.variants.split(",") for seed in seeds]
+    threads = max(1, (os.cpu_count() or 1) // args.parallel) if args.parallel > 1 else None
+    with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
+        futures = {run: pool.submit(run_quantize, f"{run[0]}_seed{run[1]}",
+                                    variant_recipe(VARIANTS[run[0]], args.epochs, run[1]),
+                                    fine_tuned, args, console, threads) for run in runs}
+        outcomes = {run: future.result() for run, future in futures.items()}
     for key in args.variants.split(","):
-        variant = VARIANTS[key]
-        results = [run_quantize(f"{key}_seed{seed}", variant_recipe(variant, args.epochs, seed),
-                                fine_tuned, args, console) for seed in seeds]
-        rows.append({"label": variant.label, "top1": [r["quant_top1"] for r in results],
-                     "minutes": [r["wall_seconds"] / 60 for r in results]})
+        results = [r for seed in seeds if (r := outcomes[(key, seed)]) is not None]
+        if not results:
+            continue
+        rows.append({"label": VARIANTS[key].label, "top1": [r["quant_top1"] for r in results],
+                     "minutes": [r["wall_seconds"] / 60 for r in results],
+                     "per_epoch": [r["per_epoch"] for r in results],
+                     "partial": any(r["partial"] for r in results)})
     # Summed over runs rather than timed here: runs finished earlier are reused, not redone.
     timed = rows[1:] if args.fp_run is not None else rows  # a reused FP run is not this run's
     wall = 60 * sum(sum(row["minutes"]) for row in timed)
@@ -245,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     for column in ("variant", "top-1 %", "per seed", "min/run"):
         table.add_column(column, justify="left" if column == "variant" else "right")
     for row in rows:
-        table.add_row(row["label"], spread(row["top1"]),
+        table.add_row(row_label(row), spread(row["top1"]),
                       ", ".join(f"{v:.2f}" for v in row["top1"]),
                       f"{statistics.mean(row['minutes']):.1f}")
     Console().print(table)
@@ -254,7 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     body = markdown(rows, command.strip(), wall, args, seeds)
     (args.out / "bench_accuracy.json").write_text(json.dumps(
         {"rows": rows, "wall_seconds": wall, "epochs": args.epochs, "seeds": seeds}, indent=2))
-    if not args.no_doc:
+    if any(row["partial"] for row in rows):
+        console.print("unfinished runs: docs not rewritten")
+    elif not args.no_doc:
         write_section(args.doc, body, args.section, f"Accuracy: CIFAR-10, {args.model}")
         console.print(f"wrote {args.doc}")
     return 0

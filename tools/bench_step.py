@@ -224,19 +224,23 @@ def run_parallel(configs: list[Config], args: argparse.Namespace) -> list[dict]:
 def table(results: list[dict], title: str) -> Table:
     out = Table(title=title)
     for column in ("model", "configuration", "median ms", "min-max ms", "x fp", "x fp+compile",
-                   "warm-up s", "graph breaks"):
+                   "x QAT-LSQ", "warm-up s", "graph breaks"):
         out.add_column(column, justify="left" if column in ("model", "configuration")
                        else "right")
     by_name = {(r["model"], r["config"]): r for r in results if "median_s" in r}
     for r in results:
         if "median_s" not in r:
-            out.add_row(r["model"], r["config"], "failed: " + r["error"], "", "", "", "", "")
+            out.add_row(r["model"], r["config"], "failed: " + r["error"], *[""] * 6)
             continue
         config = Config.parse(r["config"], r["model"])
         ratios = []
         for compiled in (False, True):
             ref = by_name.get((r["model"], config.reference(compiled)))
             ratios.append(f"{r['median_s'] / ref['median_s']:.2f}" if ref else "-")
+        # the MEC variants against plain LSQ QAT with the same flags
+        lsq = by_name.get((r["model"], r["config"].replace(config.variant, "qat_lsq", 1)))
+        ratios.append(f"{r['median_s'] / lsq['median_s']:.3f}"
+                      if lsq and config.variant.startswith("qat_lsq_") else "-")
         out.add_row(r["model"], r["config"], f"{1000 * r['median_s']:.1f}",
                     f"{1000 * r['min_s']:.1f}-{1000 * r['max_s']:.1f}", *ratios,
                     f"{r['warmup_s']:.1f}", str(r["graph_breaks"]))

@@ -70,3 +70,22 @@ def test_compile_model_auto_compiles_on_cuda_only():
     assert compiles("auto", torch.device("cuda", 0))
     assert not compiles("auto", torch.device("cpu"))
     assert compiles(True, torch.device("cpu")) and not compiles(False, torch.device("cuda"))
+
+
+def test_channels_last_trains_to_the_same_numbers():
+    """NHWC activations and weights (train.channels_last) through every quantizer: the same
+    logits and step-size gradients as contiguous tensors."""
+    results = []
+    x = torch.randn(8, 3, 4, 4, generator=torch.Generator().manual_seed(3))
+    for channels_last in (False, True):
+        qmodel = _qmodel("w4a4_lsq")
+        inputs = x
+        if channels_last:
+            qmodel = qmodel.to(memory_format=torch.channels_last)
+            inputs = x.contiguous(memory_format=torch.channels_last)
+        out = qmodel(inputs)
+        out.square().sum().backward()
+        steps = [m.scale.grad for m in qmodel.modules() if isinstance(m, FakeQuantizer)]
+        results.append((out.detach(), torch.cat([g.reshape(-1) for g in steps])))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-6)
