@@ -59,6 +59,18 @@ class FoldedBNLayer(QuantizedLayer):
         super().__init__(layer, weight_quantizer)
         self.bn = bn
         self.register_buffer("stats_frozen", torch.tensor(False))
+        # the same flag as a Python bool, which forward reads: reading the buffer would cost a
+        # host sync per layer and break a compiled graph (torch.compile guards on the bool)
+        self.frozen = False
+
+    def freeze(self) -> None:
+        """Stop updating the running statistics (see :func:`freeze_bn_stats`)."""
+        self.stats_frozen.fill_(True)
+        self.frozen = True
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.frozen = bool(self.stats_frozen)
 
     def _bn_terms(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         bn = self.bn
@@ -101,7 +113,7 @@ class FoldedBNLayer(QuantizedLayer):
         assert form is not None
         gamma, beta, sigma = self._bn_terms()
         bias = self.layer.bias
-        if self.training and not bool(self.stats_frozen):
+        if self.training and not self.frozen:
             mean, var = self._batch_statistics(x)
             gamma, beta, sigma = self._bn_terms()  # sigma_run moved with this batch
             sigma_batch = torch.sqrt(var + self.bn.eps)
@@ -140,7 +152,7 @@ def freeze_bn_stats(model: nn.Module) -> int:
     frozen = 0
     for module in model.modules():
         if isinstance(module, FoldedBNLayer):
-            module.stats_frozen.fill_(True)
+            module.freeze()
             frozen += 1
     return frozen
 

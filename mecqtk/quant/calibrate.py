@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from mecqtk.quant.bn_fold import BatchNorm
+from mecqtk.quant.bn_fold import BatchNorm, FoldedBNLayer
 from mecqtk.quant.modules import QuantizedLayer, layer_weight_quantizers
 from mecqtk.quant.quantizers import FakeQuantizer, Mode
 
@@ -42,33 +42,70 @@ def settle_batchnorm(model: nn.Module, batches: list[torch.Tensor]) -> int:
     unsettled = [m for m in model.modules() if has_initial_statistics(m)]
     if not unsettled or not batches:
         return 0
+    estimate_batchnorm_statistics(model, batches, unsettled, quantized=False)
+    return len(unsettled)
+
+
+@torch.no_grad()
+def estimate_batchnorm_statistics(model: nn.Module, batches: Iterable[torch.Tensor],
+                                  batchnorms: list[nn.Module], *, quantized: bool) -> int:
+    """Replace the running statistics of ``batchnorms`` by their plain average over
+    ``batches`` (model in training mode, no gradient); every other BatchNorm's statistics and
+    every quantizer's state are left as they were. ``quantized`` runs the quantizers as they
+    are (steps not tracked), otherwise the float path (every quantizer bypassed). Returns how
+    many batches were seen."""
     quantizers = [m for m in model.modules() if isinstance(m, FakeQuantizer)]
-    modes = [q.mode for q in quantizers]
-    # trained statistics also move in train mode: keep a copy to put back
+    modes = [(q, q.mode, q.training) for q in quantizers]
+    # statistics not estimated here also move in train mode: keep a copy to put back
     kept = [(m, {k: v.clone() for k, v in m.named_buffers(recurse=False)})
-            for m in model.modules() if isinstance(m, BatchNorm) and m not in unsettled]
-    momenta = [bn.momentum for bn in unsettled]
+            for m in model.modules() if isinstance(m, BatchNorm) and m not in batchnorms]
+    momenta = [bn.momentum for bn in batchnorms]
     was_training = model.training
-    for quantizer in quantizers:
-        quantizer.mode = Mode.BYPASS
-    for bn in unsettled:
-        bn.reset_running_stats()
-        bn.momentum = None  # a cumulative average over the batches, not an EMA from the init
     model.train()
+    for quantizer in quantizers:
+        quantizer.eval()  # a step that is not learned must not track these batches
+        if not quantized:
+            quantizer.mode = Mode.BYPASS
+    for bn in batchnorms:
+        bn.reset_running_stats()
+        bn.momentum = None  # a cumulative average over the batches, not an EMA from the reset
     device = next(model.parameters()).device
+    seen = 0
     try:
         for images in batches:
             model(images.to(device, non_blocking=True))
+            seen += 1
     finally:
-        for quantizer, mode in zip(quantizers, modes, strict=True):
+        for quantizer, mode, training in modes:
             quantizer.mode = mode
-        for bn, momentum in zip(unsettled, momenta, strict=True):
+            quantizer.train(training)
+        for bn, momentum in zip(batchnorms, momenta, strict=True):
             bn.momentum = momentum
         for bn, buffers in kept:
             for key, value in buffers.items():
                 getattr(bn, key).copy_(value)
         model.train(was_training)
-    return len(unsettled)
+    return seen
+
+
+def reestimate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
+    """Re-estimate every BatchNorm's running statistics with the model's final quantizers (a
+    plain average over ``batches``, no gradient): during QAT the running averages mix
+    statistics of step sizes and weights that have since moved, and at 2-4 bits eval mode is
+    sensitive to that. BatchNorms whose statistics a recipe froze (folded, ``freeze_epoch``)
+    keep them. Returns the number of batches seen.
+
+    Example:
+        >>> reestimate_batchnorm(qmodel, (x for x, _ in itertools.islice(loader, 200)))
+        200
+    """
+    frozen = {id(m.bn) for m in model.modules() if isinstance(m, FoldedBNLayer) and m.frozen}
+    batchnorms = [m for m in model.modules() if isinstance(m, BatchNorm)
+                  and m.track_running_stats and m.running_mean is not None
+                  and id(m) not in frozen]
+    if not batchnorms:
+        return 0
+    return estimate_batchnorm_statistics(model, batches, batchnorms, quantized=True)
 
 
 @contextmanager

@@ -289,6 +289,11 @@ class TrainConfig:
     fused_quantizers: bool = constrained(
         True, doc="run fake-quant arithmetic through torch.compile (bit-identical, much faster)"
     )
+    bn_reestimate_batches: int = constrained(
+        0, ge=0, doc="after the last epoch, re-estimate every BatchNorm's running statistics "
+        "over this many training batches with the final quantizers (no gradient), before the "
+        "final evaluation and export; 0: off"
+    )
     compile_model: bool | Literal["auto"] = constrained(
         "auto", doc="torch.compile the whole student model, fusing each fake-quantizer into its "
         "neighbouring kernels (the GPU fast path); auto: on CUDA only"

@@ -58,9 +58,14 @@ def device_for(device: torch.device, context: DistContext) -> torch.device:
 def average_parameters(module: nn.Module, context: DistContext) -> None:
     """Average every parameter and floating buffer over ranks (used after calibration, so every
     rank starts from step sizes computed on all ranks' calibration data)."""
+    average_tensors([*module.parameters(), *module.buffers()], context)
+
+
+def average_tensors(tensors: list[torch.Tensor], context: DistContext) -> None:
+    """Average each floating tensor of ``tensors`` over ranks, in place."""
     if not context.enabled:
         return
-    for tensor in [*module.parameters(), *module.buffers()]:
+    for tensor in tensors:
         if tensor.is_floating_point():
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
             tensor.div_(context.world_size)

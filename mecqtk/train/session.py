@@ -8,6 +8,7 @@ the same result an uninterrupted run would give.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from pathlib import Path
@@ -22,11 +23,12 @@ from mecqtk.data import DataBundle
 from mecqtk.errors import ExportError, one_line
 from mecqtk.io import append_jsonl, atomic_torch_save, atomic_write_text
 from mecqtk.progress import progress_bar, say
-from mecqtk.quant.bn_fold import bn_epoch_start
+from mecqtk.quant.bn_fold import BatchNorm, bn_epoch_start
+from mecqtk.quant.calibrate import reestimate_batchnorm
 from mecqtk.recipe import Recipe
 from mecqtk.train.checkpoint import FORMAT, capture_rng, restore_rng
 from mecqtk.train.compiled import compile_student, compiles, graph_breaks
-from mecqtk.train.distributed import DistContext, barrier, sum_over_ranks
+from mecqtk.train.distributed import DistContext, average_tensors, barrier, sum_over_ranks
 from mecqtk.train.loop import EpochStats, TrainStep, evaluate, train_one_epoch
 from mecqtk.train.optim import build_optimizer, build_scheduler
 from mecqtk.train.terms import build_loss_terms
@@ -182,6 +184,7 @@ class TrainingSession:
                     after_step=after_step, progress=advance,
                 )
             if epoch == epochs - 1:
+                self.reestimate_batchnorm()
                 self.snap_biases()
             self.epoch_stats = None
             stats = self.global_stats(stats)
@@ -202,6 +205,21 @@ class TrainingSession:
             if self.snap_biases():
                 self.quant_top1 = self.evaluate()
             self.save(0, 0, None)
+
+    def reestimate_batchnorm(self) -> None:
+        """``train.bn_reestimate_batches``: BatchNorm statistics of the final quantized model."""
+        batches = self.recipe.train.bn_reestimate_batches
+        if not batches:
+            return
+        seen = reestimate_batchnorm(
+            self.qmodel, (images for images, _ in itertools.islice(self.data.train_loader,
+                                                                   batches)))
+        # each rank saw its own shard; only the statistics differ between ranks
+        average_tensors([t for m in self.qmodel.modules() if isinstance(m, BatchNorm)
+                         for t in (m.running_mean, m.running_var) if t is not None],
+                        self.context)
+        self.say(f"re-estimated BatchNorm statistics over {seen} batches with the final "
+                 "quantizers")
 
     def snap_biases(self) -> int:
         """Put biases on the int32 grid the integer export uses (a change below half a step),
