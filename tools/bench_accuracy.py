@@ -75,6 +75,10 @@ VARIANTS = {
                 {"mec": {"experts": 4}}),
         Variant("w2a2_lsq_kd", "W2A2 LSQ + KD", "w2a2_lsq.yaml", {"distill": KD}),
         Variant("w2a2_mec_kd", "W2A2 LSQ + MEC + KD", "w2a2_mec.yaml", {"distill": KD}),
+        Variant("w2a2_lsq_bnre", "W2A2 LSQ + BN re-estimation (100 batches)", "w2a2_lsq.yaml",
+                {"train": {"bn_reestimate_batches": 100}}),
+        Variant("w2a2_mec_bnre", "W2A2 LSQ + MEC + BN re-estimation (100 batches)",
+                "w2a2_mec.yaml", {"train": {"bn_reestimate_batches": 100}}),
         # The MEC ablation (--variants with --section mec_ablation): one change each.
         Variant("w2a2_mec_g0.1", "MEC, gamma 0.1", "w2a2_mec.yaml", {"mec": {"weight": 0.1}}),
         Variant("w2a2_mec_g2", "MEC, gamma 2", "w2a2_mec.yaml", {"mec": {"weight": 2.0}}),
@@ -108,7 +112,9 @@ def variant_recipe(variant: Variant, epochs: int, seed: int) -> dict[str, Any]:
     recipe = yaml.safe_load((REPO / "recipes" / variant.recipe).read_text())
     recipe = merged(recipe, variant.changes)
     recipe["name"] = variant.key
-    recipe["train"] = {**TRAIN, "epochs": epochs, "seed": seed}
+    # the one budget, plus the variant's own training tools (BatchNorm re-estimation, ...)
+    recipe["train"] = {**TRAIN, **variant.changes.get("train", {}), "epochs": epochs,
+                       "seed": seed}
     return recipe
 
 

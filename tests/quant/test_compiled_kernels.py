@@ -21,16 +21,20 @@ def _run(x, scale, zp, qmin, qmax):
     return y.detach(), x.grad, scale.grad, None if zp is None else zp.grad
 
 
+def _case(case: str, seed: int):
+    """(x, step, zero point, (qmin, qmax)) of a per-tensor 2-bit, a per-channel 2-bit weight
+    or an 8-bit zero-point quantizer."""
+    torch.manual_seed(seed)
+    if case == "per_channel":
+        return torch.randn(16, 8, 3, 3), torch.rand(16, 1, 1, 1) + 0.05, None, (-2, 1)
+    if case == "zero_point":
+        return torch.randn(4, 8, 5, 5), torch.tensor(0.013), torch.tensor(100.0), (0, 255)
+    return torch.randn(4, 8, 5, 5) * 3, torch.tensor(0.1), None, (0, 3)
+
+
 @pytest.mark.parametrize("case", ["per_tensor", "per_channel", "zero_point"])
 def test_compiled_kernels_are_bit_identical_to_eager(compiled, case):
-    torch.manual_seed(0)
-    if case == "per_channel":
-        x, scale, zp, q = torch.randn(16, 8, 3, 3), torch.rand(16, 1, 1, 1) + 0.05, None, (-2, 1)
-    elif case == "zero_point":
-        x, scale, zp = torch.randn(4, 8, 5, 5), torch.tensor(0.013), torch.tensor(100.0)
-        q = (0, 255)
-    else:
-        x, scale, zp, q = torch.randn(4, 8, 5, 5) * 3, torch.tensor(0.1), None, (0, 3)
+    x, scale, zp, q = _case(case, seed=0)
     fast = _run(x, scale, zp, *q)
     arith.use_compiled_kernels(False)
     slow = _run(x, scale, zp, *q)
@@ -47,16 +51,9 @@ def test_compiled_kernels_are_bit_identical_to_eager(compiled, case):
 def test_traced_expression_under_torch_compile_equals_the_eager_kernels(case):
     """What torch.compile of a whole QAT model traces (arith._traceable_fake_quantize, fused by
     inductor) computes the eager kernels' values and input gradients bit for bit."""
-    torch.manual_seed(1)
-    if case == "per_channel":
-        x, scale, zp, q = torch.randn(16, 8, 3, 3), torch.rand(16, 1, 1, 1) + 0.05, None, (-8, 7)
-    elif case == "zero_point":
-        x, scale, zp = torch.randn(4, 8, 5, 5), torch.tensor(0.013), torch.tensor(100.0)
-        q = (0, 255)
-    else:
-        x, scale, zp, q = torch.randn(4, 8, 5, 5) * 3, torch.tensor(0.1), None, (0, 3)
+    x, scale, zp, q = _case(case, seed=1)
     # exact halves: x/s lands on .5 and must round to even in both
-    x.view(-1)[:8] = scale.view(-1)[0] * torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, 3.5, 6.5, -7.5])
+    x.view(-1)[:8] = scale.view(-1)[0] * torch.tensor([0.5, 1.5, -0.5, -1.5, 0.5, 1.5, -1.5, 0.5])
     traced = torch.compile(arith._traceable_fake_quantize, fullgraph=True)
 
     def run(fn):
