@@ -96,6 +96,11 @@ class VerifyReport:
         return data
 
 
+# Integer codes of all watched layers held at once per side: about 256 MB as onnxruntime's
+# uint8 codes, 1 GB as the PyTorch side's int32.
+CODE_ELEMENTS_PER_PASS = 256 * 2**20
+
+
 class _CodeRecorder:
     """Runs the model and keeps the integer codes of the first call of each watched quantizer
     (a FakeQuantizer of the trained model or a FrozenQuantizer of its deploy form)."""
@@ -197,25 +202,37 @@ def compare(
     totals = _Totals()
     matches = True
     onnx_deploy_agree = model_deploy_agree = 0
+    chunk: int | None = None  # images per pass, once one image's codes have been counted
     for index, (images, labels) in enumerate(batches):
         if limit is not None and totals.n >= limit:
             break
         if limit is not None:
             images, labels = images[: limit - totals.n], labels[: limit - totals.n]
-        feed = {"input": images.float().cpu().numpy()}
-        onnx_logits = deployed.run([output_name], feed)[0]
-        results = diagnostic.run([output_name, *code_names], feed)
-        recorder = _CodeRecorder(gm, watched)
-        torch_logits = recorder.run(images.float().cpu()).numpy()
-        if index == 0:
-            matches = bool(np.array_equal(results[0], onnx_logits))
-        if deploy is not None:
-            deploy_top = deploy(images.float().cpu()).numpy().argmax(1)
-            onnx_deploy_agree += int((onnx_logits.argmax(1) == deploy_top).sum())
-            model_deploy_agree += int((torch_logits.argmax(1) == deploy_top).sum())
-        totals.add(onnx_logits, torch_logits, labels.cpu().numpy())
-        for entry, onnx_codes in zip(entries, results[1:], strict=True):
-            _add_layer(layers[entry.layer], entry, onnx_codes, recorder.codes[entry.layer])
+        start = 0
+        while start < len(images):
+            # every watched layer's codes of a whole batch, on both sides, can exceed the
+            # machine's memory (inception_v3 at 299 px: about 20 GB for 100 images)
+            size = 1 if chunk is None else chunk
+            part, part_labels = images[start:start + size], labels[start:start + size]
+            start += len(part)
+            feed = {"input": part.float().cpu().numpy()}
+            onnx_logits = deployed.run([output_name], feed)[0]
+            results = diagnostic.run([output_name, *code_names], feed)
+            if chunk is None:
+                per_image = sum(r.size for r in results[1:]) // max(len(part), 1)
+                chunk = max(1, CODE_ELEMENTS_PER_PASS // max(per_image, 1))
+            recorder = _CodeRecorder(gm, watched)
+            torch_logits = recorder.run(part.float().cpu()).numpy()
+            if index == 0 and start == len(part):
+                matches = bool(np.array_equal(results[0], onnx_logits))
+            if deploy is not None:
+                deploy_top = deploy(part.float().cpu()).numpy().argmax(1)
+                onnx_deploy_agree += int((onnx_logits.argmax(1) == deploy_top).sum())
+                model_deploy_agree += int((torch_logits.argmax(1) == deploy_top).sum())
+            totals.add(onnx_logits, torch_logits, part_labels.cpu().numpy())
+            for entry, onnx_codes in zip(entries, results[1:], strict=True):
+                _add_layer(layers[entry.layer], entry, onnx_codes, recorder.codes[entry.layer])
+            del results, recorder
         if progress is not None:
             progress()
     if totals.n == 0:

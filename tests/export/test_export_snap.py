@@ -136,3 +136,25 @@ def test_biases_inside_leaf_interiors_are_snapped_too():
     report = compare(gm, model, manifest, [(images(64, 3), torch.arange(64) % 10)], threads=1)
     assert report.off_grid_bias_layers == 0
     assert report.top1_agreement_pct == 100.0
+
+
+def test_verification_in_memory_bounded_passes_counts_what_one_pass_counts(residual_net,
+                                                                          monkeypatch):
+    """compare() splits a batch so that all layers' codes of a pass stay within a memory budget
+    (inception_v3 at 299 px ran out of 22 GB); the report must not depend on the split."""
+    import mecqtk.export.verify as verify
+
+    gm = quantized(residual_net, 4, 4)
+    snap_biases(gm)
+    model, manifest = export_model(gm, INPUT_SHAPE, "qcdq")
+    batches = [(images(24, seed), torch.arange(24) % 10) for seed in range(2)]
+    whole = compare(gm, model, manifest, batches, threads=1)
+    monkeypatch.setattr(verify, "CODE_ELEMENTS_PER_PASS", 1)  # one image per pass
+    split = compare(gm, model, manifest, batches, threads=1)
+    assert split.n == whole.n == 48
+    assert split.top1_agreement_pct == whole.top1_agreement_pct
+    # float logits of a batch of one and of 24 round differently in the last bits
+    assert split.max_abs_logit_diff < 1e-6 and whole.max_abs_logit_diff < 1e-6
+    for a, b in zip(split.layers, whole.layers, strict=True):
+        assert (a.layer, a.codes, a.differing, a.sum_abs_diff) == (
+            b.layer, b.codes, b.differing, b.sum_abs_diff)
