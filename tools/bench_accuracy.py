@@ -77,6 +77,8 @@ VARIANTS = {
         Variant("w2a2_mec_kd", "W2A2 LSQ + MEC + KD", "w2a2_mec.yaml", {"distill": KD}),
         Variant("w2a2_lsq_bnre", "W2A2 LSQ + BN re-estimation (100 batches)", "w2a2_lsq.yaml",
                 {"train": {"bn_reestimate_batches": 100}}),
+        Variant("w2a2_lsq_damp", "W2A2 LSQ + oscillation dampening (1e-3)", "w2a2_lsq.yaml",
+                {"train": {"oscillation_dampening": 0.001}}),
         Variant("w2a2_mec_bnre", "W2A2 LSQ + MEC + BN re-estimation (100 batches)",
                 "w2a2_mec.yaml", {"train": {"bn_reestimate_batches": 100}}),
         # The MEC ablation (--variants with --section mec_ablation): one change each.

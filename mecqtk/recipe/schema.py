@@ -289,6 +289,12 @@ class TrainConfig:
     fused_quantizers: bool = constrained(
         True, doc="run fake-quant arithmetic through torch.compile (bit-identical, much faster)"
     )
+    oscillation_dampening: float = constrained(
+        0.0, ge=0.0, doc="weight of the oscillation-dampening loss (Nagel et al., 2022), the sum "
+        "over quantized weights of their squared distance, in steps, from their code's value: "
+        "weights stop flipping between two codes; ramped from 0 to this weight over training "
+        "(cosine); 0: off"
+    )
     bn_reestimate_batches: int = constrained(
         0, ge=0, doc="after the last epoch, re-estimate every BatchNorm's running statistics "
         "over this many training batches with the final quantizers (no gradient), before the "

@@ -1,10 +1,13 @@
-"""Loss terms added to the task loss: MEC (docs/mec.md) and knowledge distillation.
+"""Loss terms added to the task loss: MEC (docs/mec.md), knowledge distillation and oscillation
+dampening.
 
 A term is called once per step with the batch, the student's logits and the global step, and
 returns named scalars; names starting with ``log_`` are logged but not added to the loss.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
@@ -13,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mecqtk.mec import MECSchedule, MixtureCodingLength, coding_length, grouped_mec_loss, mec_loss
+from mecqtk.quant.modules import QuantizedLayer
 from mecqtk.recipe.schema import DistillConfig, MECConfig, Recipe
 from mecqtk.train.loop import LossTerm
 from mecqtk.train.taps import POOLED, FeatureTap, attach_tap, classifier_input, find_node, rows
@@ -159,6 +163,40 @@ class DistillTerm:
         return {"kd": self.config.weight * t * t * kl}
 
 
+class DampeningTerm:
+    """Oscillation dampening (Nagel et al., "Overcoming oscillations in quantization-aware
+    training", ICML 2022): the summed squared distance, in step units, of every quantized weight
+    from the value its code stands for, ``((clip(w) - Q(w)) / s)^2`` with ``Q(w)`` and ``s``
+    held constant. At 2-3 bits a latent weight near a bin edge flips between two codes on
+    successive steps (the straight-through gradient pushes it back and forth); pulling it toward
+    its bin's centre stops that. The weight ramps from 0 to ``weight`` over training (cosine),
+    as in the paper, so early training can still move weights between bins."""
+
+    def __init__(self, weight: float, qmodel: nn.Module, total_steps: int) -> None:
+        self.weight, self.total_steps = weight, max(total_steps, 1)
+        self.layers = [m for m in qmodel.modules() if isinstance(m, QuantizedLayer)]
+        self.trainable = nn.ModuleDict()  # nothing of its own to train
+        self.generator: torch.Generator | None = None  # draws nothing at random
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor,
+                 step: int) -> dict[str, torch.Tensor]:
+        sums, count = [], 0
+        for layer in self.layers:
+            quantizer = layer.weight_quantizer
+            w = layer.effective_weight()
+            step_size = quantizer.broadcast(quantizer.step_size(), w).detach()
+            codes = quantizer.codes(w).to(w.dtype)
+            clipped = torch.clamp(w, quantizer.qmin * step_size, quantizer.qmax * step_size)
+            sums.append(((clipped - codes * step_size) / step_size).square().sum())
+            count += w.numel()
+        ramp = 0.5 * (1.0 - math.cos(math.pi * min(step / self.total_steps, 1.0)))
+        # a sum, as in the paper: each weight's own pull 2 * weight * distance / step does not
+        # shrink with the size of the model
+        total = torch.stack(sums).sum()
+        return {"dampen": self.weight * ramp * total,
+                "log_weight_bin_distance": total.detach() / max(count, 1)}
+
+
 def build_loss_terms(recipe: Recipe, float_model: nn.Module, qmodel: fx.GraphModule,
                      student: nn.Module, steps_per_epoch: int, probe: torch.Tensor,
                      device: torch.device) -> list[LossTerm]:
@@ -177,4 +215,7 @@ def build_loss_terms(recipe: Recipe, float_model: nn.Module, qmodel: fx.GraphMod
     if recipe.distill.enabled:
         assert teacher is not None
         terms.append(DistillTerm(recipe.distill, teacher))
+    if recipe.train.oscillation_dampening > 0:
+        terms.append(DampeningTerm(recipe.train.oscillation_dampening, qmodel,
+                                   recipe.train.epochs * steps_per_epoch))
     return terms

@@ -152,3 +152,40 @@ def test_steps_that_are_not_learned_follow_the_data_in_training():
     weight = gm.get_submodule("conv1").layer.weight
     assert torch.allclose(first.scale, weight.abs().amax(dim=(1, 2, 3)) / 128)
     assert first_in.scale > before  # moving average towards the larger range
+
+
+def test_oscillation_dampening_pulls_each_weight_to_its_codes_value_and_ramps_up():
+    from mecqtk.quant.modules import QuantizedLayer
+    from mecqtk.train.terms import DampeningTerm
+
+    torch.manual_seed(0)
+    qmodel = prepare(create_model("cifar_resnet20", num_classes=10), load_recipe("w2a2_lsq"))
+    calibrate(qmodel, [torch.randn(8, 3, 32, 32)])
+    term = DampeningTerm(0.5, qmodel, total_steps=100)
+    layers = [m for m in qmodel.modules() if isinstance(m, QuantizedLayer)]
+    assert len(term.layers) == len(layers) == 20  # 19 convs and the classifier
+    x = torch.zeros(2, 3, 32, 32)
+    assert float(term(x, None, None, 0)["dampen"]) == 0.0  # the ramp starts at 0
+    out = term(x, None, None, 100)
+    distance = float(out["log_weight_bin_distance"])
+    assert 0.0 < distance <= 0.25  # at most half a step from a code's value, squared
+    weights = sum(m.layer.weight.numel() for m in layers)
+    torch.testing.assert_close(out["dampen"], torch.tensor(0.5 * distance * weights))
+    out["dampen"].backward()
+    # the gradient points from each weight's code value toward the weight: descent moves the
+    # weight to the centre of its bin
+    layer = layers[5]
+    w = layer.effective_weight().detach()
+    quantizer = layer.weight_quantizer
+    step = quantizer.broadcast(quantizer.step_size(), w).detach()
+    target = quantizer.codes(w) * step
+    inside = (w > quantizer.qmin * step) & (w < quantizer.qmax * step) & (w != target)
+    grad = layer.layer.weight.grad
+    assert bool((torch.sign(grad[inside]) == torch.sign((w - target)[inside])).all())
+    # weights on their code's value cost nothing
+    with torch.no_grad():
+        for m in layers:
+            m.layer.weight.copy_(m.weight_quantizer.codes(m.effective_weight())
+                                 * m.weight_quantizer.broadcast(m.weight_quantizer.step_size(),
+                                                                m.layer.weight))
+    assert float(term(x, None, None, 100)["log_weight_bin_distance"]) == 0.0
