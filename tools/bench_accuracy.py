@@ -70,12 +70,13 @@ VARIANTS = {
     v.key: v for v in (
         Variant("w4a4_lsq", "W4A4 LSQ", "w4a4_lsq.yaml"),
         Variant("w2a2_lsq", "W2A2 LSQ", "w2a2_lsq.yaml"),
-        Variant("w2a2_mec", "W2A2 LSQ + MEC (as shipped: + BN re-estimation)", "w2a2_mec.yaml"),
-        Variant("w2a2_mec_k4", "W2A2 LSQ + MEC, K=4 experts", "w2a2_mec.yaml",
+        Variant("w2a2_mec", "W2A2 LSQ + MEC + BN re-estimation + KD (w2a2_mec.yaml)",
+                "w2a2_mec.yaml"),
+        Variant("w2a2_mec_nokd", "W2A2 LSQ + MEC + BN re-estimation", "w2a2_mec.yaml",
+                {"distill": {"enabled": False}}),
+        Variant("w2a2_mec_k4", "w2a2_mec.yaml with K=4 experts", "w2a2_mec.yaml",
                 {"mec": {"experts": 4}}),
         Variant("w2a2_lsq_kd", "W2A2 LSQ + KD", "w2a2_lsq.yaml", {"distill": KD}),
-        Variant("w2a2_mec_kd", "W2A2 LSQ + MEC + BN re-estimation + KD", "w2a2_mec.yaml",
-                {"distill": KD}),
         Variant("w2a2_lsq_bnre", "W2A2 LSQ + BN re-estimation (100 batches)", "w2a2_lsq.yaml",
                 {"train": {"bn_reestimate_batches": 100}}),
         Variant("w2a2_lsq_damp", "W2A2 LSQ + oscillation dampening (1e-3)", "w2a2_lsq.yaml",
@@ -94,7 +95,7 @@ VARIANTS = {
         Variant("w2a2_mec_exact", "MEC, exact logdet", "w2a2_mec.yaml", {"mec": {"order": None}}),
     )
 }
-DEFAULT_VARIANTS = "w4a4_lsq,w2a2_lsq,w2a2_mec,w2a2_mec_k4"
+DEFAULT_VARIANTS = "w4a4_lsq,w2a2_lsq,w2a2_lsq_bnre,w2a2_lsq_kd,w2a2_mec_nokd,w2a2_mec"
 
 
 def shared_dir() -> Path:
