@@ -81,6 +81,8 @@ VARIANTS = {
                 {"train": {"bn_reestimate_batches": 100}}),
         Variant("w2a2_lsq_damp", "W2A2 LSQ + oscillation dampening (1e-3)", "w2a2_lsq.yaml",
                 {"train": {"oscillation_dampening": 0.001}}),
+        Variant("w2a2_lsq_damp1e4", "W2A2 LSQ + oscillation dampening (1e-4)", "w2a2_lsq.yaml",
+                {"train": {"oscillation_dampening": 0.0001}}),
         # The MEC ablation (--variants with --section mec_ablation): one change each.
         Variant("w2a2_mec_g0.1", "MEC, gamma 0.1", "w2a2_mec.yaml", {"mec": {"weight": 0.1}}),
         Variant("w2a2_mec_g2", "MEC, gamma 2", "w2a2_mec.yaml", {"mec": {"weight": 2.0}}),
