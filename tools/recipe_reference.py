@@ -157,7 +157,13 @@ def key_docs(cls: type, instance: Any, prefix: str) -> list[KeyDoc]:
     rows = []
     for field in dataclasses.fields(cls):
         tp = hints[field.name]
-        if _is_section(tp) or _is_section_list(tp):
+        if _is_section(tp) or (_is_section_list(tp) and get_args(tp)[0] is LayerRule):
+            continue
+        if _is_section_list(tp):  # a list of small mappings: the list, then each item's keys
+            value = _field_default(field) if instance is None else getattr(instance, field.name)
+            rows.append(KeyDoc(f"{prefix}{field.name}", "list of mappings", "",
+                               f"`{yaml_inline([to_data(v) for v in value])}`", _doc(field)))
+            rows += key_docs(get_args(tp)[0], None, f"{prefix}{field.name}[].")
             continue
         type_name, allowed = _allowed(field, tp)
         value = _field_default(field) if instance is None else getattr(instance, field.name)

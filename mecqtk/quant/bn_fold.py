@@ -85,6 +85,14 @@ class FoldedBNLayer(QuantizedLayer):
         weight = super().effective_weight()
         return weight * (gamma / sigma).reshape(-1, *([1] * (weight.dim() - 1)))
 
+    def weight_gain(self) -> torch.Tensor | None:
+        gain = super().weight_gain()
+        if gain is None:
+            return None
+        gamma, _, sigma = self._bn_terms()
+        weight = self.layer.weight
+        return gain * (gamma / sigma).reshape(-1, *([1] * (weight.dim() - 1)))
+
     def folded_bias(self) -> torch.Tensor:
         """The bias of the exported conv: ``beta + gamma * (b - mu_run) / sigma_run``."""
         gamma, beta, sigma = self._bn_terms()

@@ -86,6 +86,12 @@ _TABLE: dict[type, LayerForm] = {
 }
 
 
+def uses_raw_weight(layer: nn.Module) -> bool:
+    """Whether ``layer`` multiplies with its ``weight`` parameter as it is (no standardisation)."""
+    form = layer_form(layer)
+    return form is None or form.effective_weight is _raw_weight
+
+
 def layer_form(layer: nn.Module) -> LayerForm | None:
     """The form of ``layer``'s class, or None when a subclass computes something unknown."""
     table = _TABLE

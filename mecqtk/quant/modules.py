@@ -7,7 +7,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from mecqtk.quant.layer_forms import WeightInterceptor, layer_form
+from mecqtk.quant.layer_forms import WeightInterceptor, layer_form, uses_raw_weight
 from mecqtk.quant.quantizers import FakeQuantizer
 
 QUANTIZABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -54,6 +54,12 @@ class QuantizedLayer(nn.Module):
         """The float weight the layer really multiplies with (before quantization)."""
         form = layer_form(self.layer)
         return self.layer.weight if form is None else form.effective_weight(self.layer)
+
+    def weight_gain(self) -> torch.Tensor | None:
+        """``g`` with ``effective_weight() == layer.weight * g`` (broadcasting), or None where the
+        effective weight is no such multiple of the parameter (weight standardisation)."""
+        return torch.ones((), device=self.layer.weight.device) if uses_raw_weight(self.layer) \
+            else None
 
     def quantized_weight(self) -> torch.Tensor:
         return self.weight_quantizer(self.effective_weight())

@@ -263,6 +263,20 @@ class ScheduleConfig:
 
 
 @dataclass(frozen=True)
+class BitScheduleConfig:
+    """Train wider first: quantizers narrower than ``start_bits`` start on that grid."""
+
+    start_bits: int | None = constrained(
+        None, ge=3, le=8, doc="width every narrower quantizer trains at first (e.g. 4 for a W2A2 "
+        "recipe); null: off"
+    )
+    start_epochs: float = constrained(
+        0.25, gt=0.0, doc="epochs at start_bits, counted in the run's own budget; then each "
+        "quantizer narrows to its own bits, its step set afresh by its observer"
+    )
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Runs after calibration; every epoch ends with an evaluation and a checkpoint."""
 
@@ -295,6 +309,15 @@ class TrainConfig:
         "weights stop flipping between two codes; ramped from 0 to this weight over training "
         "(cosine); 0: off"
     )
+    oscillation_freezing: float = constrained(
+        0.0, ge=0.0, le=1.0, doc="freeze a quantized weight once the moving average of its "
+        "oscillation frequency (code flips against its previous direction, per step) passes this "
+        "threshold (Nagel et al., 2022; e.g. 0.02): its latent value is set to its average "
+        "code's bin centre and kept there; 0: off"
+    )
+    bit_schedule: BitScheduleConfig = constrained(
+        default_factory=BitScheduleConfig, doc="start wider, narrow to the recipe's bits"
+    )
     bn_reestimate_batches: int = constrained(
         0, ge=0, doc="after the last epoch, re-estimate every BatchNorm's running statistics "
         "over this many training batches with the final quantizers (no gradient), before the "
@@ -316,6 +339,18 @@ class TrainConfig:
     checkpoint_every_steps: int | None = constrained(
         None, ge=1, doc="also checkpoint every N optimizer steps (epoch ends always are)"
     )
+
+
+@dataclass(frozen=True)
+class MECTap:
+    """Features MEC spreads besides the main tap, with their own weight."""
+
+    tap: str = constrained(
+        "stages", doc="'stages' (the output of every intermediate stage in timm's feature_info) "
+        "or a traced node name"
+    )
+    weight: float = constrained(0.25, ge=0.0, doc="weight of this tap's MEC loss, relative to the "
+                                "main tap's (each stage of 'stages' gets it)")
 
 
 @dataclass(frozen=True)
@@ -341,6 +376,10 @@ class MECConfig:
     )
     tap: str = constrained(
         "pooled", doc="features: 'pooled' (classifier input) or a traced node name"
+    )
+    extra_taps: tuple[MECTap, ...] = constrained(
+        (), doc="more features to apply MEC to, each averaged over space or tokens and compared "
+        "with the same place in the second view, e.g. [{tap: stages, weight: 0.25}]"
     )
     projector: int | None = constrained(None, ge=1, doc="width of a linear projector; null: none")
     experts: int = constrained(1, ge=1, le=64, doc="K: mixture components or channel groups")

@@ -23,7 +23,10 @@ class LossTerm(Protocol):
     tensors that are added to the task loss (names starting with ``log_`` are only logged).
     ``trainable`` holds its own parameters (the optimizer trains them, checkpoints keep them);
     ``generator`` is the random stream it draws from, or None: checkpoints keep its state so a
-    resumed run draws what an uninterrupted one would.
+    resumed run draws what an uninterrupted one would. A term may also have a
+    ``before_step(images, step)`` method, called before each step's forward (the bit-width
+    schedule), and an ``after_update()`` method, called after every optimizer step (oscillation
+    freezing).
     """
 
     trainable: nn.Module
@@ -141,6 +144,10 @@ def train_one_epoch(
             continue
         step = start_step + index
         images, labels = s.to_device(images, labels)
+        for term in s.extra_terms:
+            before_step = getattr(term, "before_step", None)
+            if before_step is not None:
+                before_step(images, step)
         with s.autocast():
             logits = s.model(images)
             task = F.cross_entropy(logits.float(), labels, label_smoothing=s.label_smoothing)
@@ -162,6 +169,10 @@ def train_one_epoch(
         else:
             s.optimizer.step()
         keep_steps_valid(s.model)
+        for term in s.extra_terms:
+            after_update = getattr(term, "after_update", None)
+            if after_update is not None:
+                after_update()
         s.scheduler.step()
         # read only now: the host waits for the GPU once per step, after the whole step is
         # queued (a bad update is never checkpointed: checkpoints come after this check)

@@ -9,8 +9,10 @@ from torch import nn
 
 from mecqtk.errors import RecipeError
 from mecqtk.graph.introspect import pooled_features_node
+from mecqtk.quant.quantizers import FakeQuantizer
 
 POOLED = "pooled"
+STAGES = "stages"
 
 
 class FeatureTap(nn.Module):
@@ -47,6 +49,36 @@ def classifier_input(gm: fx.GraphModule) -> fx.Node:
     if node is None:
         raise RecipeError("mec.tap: no quantized layer to take 'pooled' features from")
     return node
+
+
+def stage_modules(model: nn.Module) -> list[str]:
+    """Module paths of ``model``'s intermediate stages: timm's ``feature_info`` without its first
+    entry (the stem) and its last (the final stage, whose pooled output is the 'pooled' tap)."""
+    info = getattr(model, "feature_info", None)
+    modules = [entry["module"] for entry in info or () if isinstance(entry, dict)]
+    if len(modules) < 3:
+        raise RecipeError(
+            f"mec.extra_taps: '{STAGES}' needs a model that lists its stages in timm's "
+            f"feature_info ({type(model).__name__} lists {len(modules)}); name nodes instead "
+            "(`mecqtk recipe explain` lists layers)"
+        )
+    return modules[1:-1]
+
+
+def stage_output(gm: fx.GraphModule, module: str) -> fx.Node:
+    """The value ``module`` (a stage) hands to the next stage: the last node traced inside it, or,
+    in a quantized graph, that node's activation quantizer (the codes the next stage reads)."""
+    inside = [node for node in gm.graph.nodes
+              if any(path == module or path.startswith(module + ".")
+                     for path, _ in (node.meta.get("nn_module_stack") or {}).values())]
+    if not inside:
+        raise RecipeError(f"mec.extra_taps: no traced node inside stage {module!r}")
+    last = inside[-1]
+    modules = dict(gm.named_modules())
+    users = list(last.users)
+    if len(users) == 1 and isinstance(modules.get(str(users[0].target)), FakeQuantizer):
+        return users[0]
+    return last
 
 
 def find_node(gm: fx.GraphModule, name: str) -> fx.Node:

@@ -1,5 +1,5 @@
 """Loss terms added to the task loss: MEC (docs/mec.md), knowledge distillation and oscillation
-dampening.
+dampening (and oscillation freezing, which rides along as a term, see mecqtk.train.freezing).
 
 A term is called once per step with the batch, the student's logits and the global step, and
 returns named scalars; names starting with ``log_`` are logged but not added to the loss.
@@ -18,8 +18,20 @@ from torch import nn
 from mecqtk.mec import MECSchedule, MixtureCodingLength, coding_length, grouped_mec_loss, mec_loss
 from mecqtk.quant.modules import QuantizedLayer
 from mecqtk.recipe.schema import DistillConfig, MECConfig, Recipe
+from mecqtk.train.bit_schedule import BitSchedule
+from mecqtk.train.freezing import OscillationFreezer
 from mecqtk.train.loop import LossTerm
-from mecqtk.train.taps import POOLED, FeatureTap, attach_tap, classifier_input, find_node, rows
+from mecqtk.train.taps import (
+    POOLED,
+    STAGES,
+    FeatureTap,
+    attach_tap,
+    classifier_input,
+    find_node,
+    rows,
+    stage_modules,
+    stage_output,
+)
 from mecqtk.train.teacher import Teacher
 
 
@@ -53,7 +65,10 @@ class MECTerm:
     """gamma * MEC loss between student features and the chosen second view.
 
     Holds trainable parts (projector, mixture gate) in ``trainable``: they go to the optimizer
-    and into checkpoints. The student is referenced, not owned.
+    and into checkpoints. The student is referenced, not owned. ``extra_taps`` add a plain MEC
+    loss per tapped place (each stage output, or named nodes), each with its own weight relative
+    to the main tap's, so the coding length of the whole representation is spread, not only that
+    of the pooled features; ``float_model`` names the stages (timm's ``feature_info``).
     """
 
     def __init__(
@@ -65,6 +80,7 @@ class MECTerm:
         steps_per_epoch: int,
         probe: torch.Tensor,
         seed: int = 0,
+        float_model: nn.Module | None = None,
     ) -> None:
         self.config = config
         self.student = student
@@ -75,6 +91,16 @@ class MECTerm:
             if teacher is None:
                 raise ValueError("mec.view 'teacher' needs the float teacher")
             self.teacher_tap = self._tap(teacher.graph)
+        # (relative weight, student tap, teacher tap or None) per extra place
+        self.extra: list[tuple[float, FeatureTap, FeatureTap | None]] = []
+        for extra in config.extra_taps:
+            for find in self._extra_places(extra.tap, float_model):
+                self.extra.append((
+                    extra.weight,
+                    attach_tap(student_graph, find(student_graph)),
+                    attach_tap(teacher.graph, find(teacher.graph))
+                    if config.view == "teacher" and teacher is not None else None,
+                ))
         with torch.no_grad():
             was_training = student_graph.training
             student_graph.eval()
@@ -105,6 +131,33 @@ class MECTerm:
         tap = self.config.tap
         return attach_tap(gm, classifier_input(gm) if tap == POOLED else find_node(gm, tap))
 
+    @staticmethod
+    def _extra_places(tap: str, float_model: nn.Module | None):
+        """One node finder per place an extra tap names (the same place in student and teacher)."""
+        if tap == STAGES:
+            if float_model is None:
+                raise ValueError("mec.extra_taps 'stages' needs the float model")
+            return [lambda gm, m=m: stage_output(gm, m) for m in stage_modules(float_model)]
+        if tap == POOLED:
+            return [classifier_input]
+        return [lambda gm: find_node(gm, tap)]
+
+    def _extra_loss(self, z1s: list[torch.Tensor], lam_scale: float) -> torch.Tensor:
+        """Sum of the extra taps' weighted MEC losses; their second view is read here."""
+        total = torch.zeros((), device=z1s[0].device) if z1s else torch.zeros(())
+        for (weight, student_tap, teacher_tap), z1 in zip(self.extra, z1s, strict=True):
+            z2: torch.Tensor | None = None
+            if teacher_tap is not None:
+                assert teacher_tap.value is not None
+                z2 = gather_rows(rows(teacher_tap.value).detach(), with_grad=False)
+            elif self.config.view == "augmented":
+                assert student_tap.value is not None
+                z2 = gather_rows(rows(student_tap.value), with_grad=True)
+            z1 = gather_rows(z1, with_grad=True)
+            total = total + weight * mec_loss(z1, z2, eps2=float(z1.shape[1]),
+                                              order=self.config.order, lam_scale=lam_scale)
+        return total
+
     def features(self, tap: FeatureTap) -> torch.Tensor:
         assert tap.value is not None, "the tapped model has not run on this batch"
         z = rows(tap.value)
@@ -122,6 +175,8 @@ class MECTerm:
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor,
                  step: int) -> dict[str, torch.Tensor]:
         z1 = self.features(self.student_tap)
+        # the extra taps' student rows, read before an augmented second pass overwrites them
+        extra_z1 = [rows(tap.value) for _, tap, _ in self.extra]  # type: ignore[arg-type]
         z2: torch.Tensor | None = None
         if self.config.view == "teacher":
             assert self.teacher is not None and self.teacher_tap is not None
@@ -134,15 +189,21 @@ class MECTerm:
         z1 = gather_rows(z1, with_grad=True)
         if z2 is not None:
             z2 = gather_rows(z2, with_grad=z2.requires_grad)
-        loss = self.loss(z1, z2, self.schedule.lam_scale(step))
+        lam_scale = self.schedule.lam_scale(step)
+        loss = self.loss(z1, z2, lam_scale)
         with torch.no_grad():
             length = coding_length(z1.detach(), None if z2 is None else z2.detach(),
                                    eps2=self.eps2, order=self.config.order)
-        return {
+        out = {
             "mec": self.schedule.weight(step) * loss,
             "log_mec_loss": loss.detach(),
             "log_coding_length_per_sample": length / z1.shape[0],
         }
+        if self.extra:
+            extra = self._extra_loss(extra_z1, lam_scale)
+            out["mec_taps"] = self.schedule.weight(step) * extra
+            out["log_mec_taps_loss"] = extra.detach()
+        return out
 
 
 class DistillTerm:
@@ -211,10 +272,16 @@ def build_loss_terms(recipe: Recipe, float_model: nn.Module, qmodel: fx.GraphMod
     terms: list[LossTerm] = []
     if recipe.mec.enabled:
         terms.append(MECTerm(recipe.mec, student, qmodel, teacher, steps_per_epoch, probe,
-                             seed=recipe.train.seed))
+                             seed=recipe.train.seed, float_model=float_model))
     if recipe.distill.enabled:
         assert teacher is not None
         terms.append(DistillTerm(recipe.distill, teacher))
+    schedule = recipe.train.bit_schedule
+    if schedule.start_bits is not None:
+        terms.append(BitSchedule(schedule.start_bits,
+                                 round(schedule.start_epochs * steps_per_epoch), qmodel))
+    if recipe.train.oscillation_freezing > 0:
+        terms.append(OscillationFreezer(recipe.train.oscillation_freezing, qmodel))
     if recipe.train.oscillation_dampening > 0:
         terms.append(DampeningTerm(recipe.train.oscillation_dampening, qmodel,
                                    recipe.train.epochs * steps_per_epoch))

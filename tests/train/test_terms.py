@@ -5,10 +5,12 @@ import torch
 import torch.nn.functional as F
 
 from mecqtk import calibrate, prepare
+from mecqtk.errors import RecipeError
 from mecqtk.mec import grouped_mec_loss, mec_loss
 from mecqtk.models import create_model
 from mecqtk.quant import FakeQuantizer
 from mecqtk.recipe import DistillConfig, MECConfig, load_recipe
+from mecqtk.recipe.schema import MECTap
 from mecqtk.train.taps import attach_tap, classifier_input
 from mecqtk.train.teacher import Teacher
 from mecqtk.train.terms import DistillTerm, MECTerm, second_view
@@ -68,6 +70,36 @@ def test_mec_term_against_the_library_loss(setup, experts, form):
              and q.scale.requires_grad]
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
     assert all(p.grad is None for p in teacher.graph.parameters())
+
+
+def test_stage_taps_add_one_weighted_mec_loss_per_intermediate_stage(setup):
+    model, qmodel, images = setup
+    gm = prepare(model, load_recipe("w4a4_lsq"))
+    gm.load_state_dict(qmodel.state_dict())
+    teacher = Teacher(model)
+    config = MECConfig(enabled=True, weight=0.5, extra_taps=(MECTap("stages", 0.25),))
+    term = MECTerm(config, gm, gm, teacher, steps_per_epoch=10, probe=images[:4],
+                   float_model=model)
+    # cifar_resnet20's feature_info: act1 (stem), layer1, layer2, layer3 -> layer1 and layer2
+    assert [t.value.shape[1] for _, t, _ in term.extra] == [16, 32]
+    gm.train()
+    logits = gm(images)
+    out = term(images, torch.zeros(16, dtype=torch.long), logits, step=5)
+    expected = sum(
+        0.25 * mec_loss(s.value.mean(dim=(2, 3)), t.value.mean(dim=(2, 3)), eps2=float(c), order=4)
+        for (_, s, t), c in zip(term.extra, (16, 32), strict=True))
+    assert torch.allclose(out["log_mec_taps_loss"], expected)
+    assert torch.allclose(out["mec_taps"], 0.5 * expected)
+    # the student taps read the stage's activation quantizer: codes, not float activations
+    first = term.extra[0][1].value
+    step = gm.get_submodule("aq_layer1_2_act2").step_size().item()
+    assert torch.allclose(first / step, (first / step).round(), atol=1e-4)
+    out["mec_taps"].backward()
+    stem = gm.get_submodule("layer1.0.conv1").layer.weight
+    assert stem.grad is not None and stem.grad.abs().sum() > 0
+    with pytest.raises(RecipeError, match="feature_info"):
+        MECTerm(config, gm, gm, teacher, steps_per_epoch=10, probe=images[:4],
+                float_model=torch.nn.Linear(2, 2))
 
 
 def test_mec_weight_warms_up(setup):
