@@ -1,8 +1,8 @@
 """Latency and file size of mecqtk's integer ONNX exports against FP32 and onnxruntime's own int8.
 
 For each model: the FP32 ONNX file (torch.onnx.export), onnxruntime's static int8 quantization of
-that file (QDQ, per-channel weights, the peer), and mecqtk's W8A8, W4A4 and W2A2 exports as qcdq,
-packed, and qcdq with integer adds (`export_model(..., integer_adds=True)`: faster, not exact).
+that file (QDQ, per-channel weights, the peer), and mecqtk's W8A8, W4A4 and W2A2 exports as qcdq
+and packed.
 Weights are random (latency and size do not depend on them), BatchNorm
 statistics are made trained-looking, and every quantizer is calibrated on real CIFAR-10 images
 (resized to the model's input size). Latency: median of --runs timed runs after --warmup, at
@@ -126,11 +126,9 @@ def export_ours(model: nn.Module, recipe: Recipe, images: torch.Tensor, shape: t
     calibrate(gm, [images[i:i + 16] for i in range(0, len(images), 16)])
     gm.eval()
     paths = {}
-    for variant in ("qcdq", "packed", "qcdq, integer adds"):
-        export_format = variant.split(",")[0]
-        onnx_model, _ = export_model(gm, shape, export_format,  # type: ignore[arg-type]
-                                     integer_adds=variant.endswith("integer adds"))
-        path = folder / f"{label}_{variant.replace(', ', '_').replace(' ', '_')}.onnx"
+    for variant in ("qcdq", "packed"):
+        onnx_model, _ = export_model(gm, shape, variant)  # type: ignore[arg-type]
+        path = folder / f"{label}_{variant}.onnx"
         path.write_bytes(onnx_model.SerializeToString())
         paths[variant] = path
     return paths

@@ -34,13 +34,9 @@ def render_export(result: ExportResult, console: Console | None = None) -> None:
 @click.option("--data", default=None,
               help="Images for the export's own onnxruntime check (16 of its validation set), "
                    "e.g. imagefolder:PATH [default: random inputs at the model's size].")
-@click.option("--integer-adds", is_flag=True,
-              help="Let onnxruntime run residual adds as QLinearAdd: faster (resnet18 W8A8 "
-                   "2.5x -> 2.7x FP32), but its fixed-point requantization moves some codes by "
-                   "one, and sensitive models then disagree more often with the trained model.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON line.")
 def export_command(run_dir: Path, export_format: str, opset: int | None, out: Path | None,
-                   data: str | None, integer_adds: bool, as_json: bool) -> None:
+                   data: str | None, as_json: bool) -> None:
     """Export the trained model of RUN_DIR to ONNX with integer weights and activations.
 
     Writes quant_manifest.json (bits, scale, zero point, axis of every quantized tensor)
@@ -54,8 +50,7 @@ def export_command(run_dir: Path, export_format: str, opset: int | None, out: Pa
     """
     from mecqtk.export.runfolder import export_run
 
-    result = export_run(run_dir, export_format, opset, out, data,  # type: ignore[arg-type]
-                        integer_adds=integer_adds)
+    result = export_run(run_dir, export_format, opset, out, data)  # type: ignore[arg-type]
     if as_json:
         click.echo(json.dumps({k: str(v) if isinstance(v, Path) else v
                                for k, v in asdict(result).items()}))

@@ -14,6 +14,7 @@ import torch.fx as fx
 
 from mecqtk.errors import ExportError
 from mecqtk.export.convert import convert
+from mecqtk.export.integer_kernels import IntegerAdd, IntegerRegrid
 from mecqtk.export.manifest import Manifest, manifest_path_for, sha256_of
 from mecqtk.export.onnx_export import (
     activation_entries,
@@ -24,6 +25,7 @@ from mecqtk.export.onnx_export import (
     hold_requantized_codes,
     pack_weights,
     quantizer_twins,
+    requantize_by_adding_zero,
     torch_onnx_export,
     weight_entries,
 )
@@ -150,7 +152,6 @@ def export_model(
     opset: int | None = None,
     metadata: dict[str, str] | None = None,
     probe: torch.Tensor | None = None,
-    integer_adds: bool = False,
 ) -> tuple[onnx.ModelProto, Manifest]:
     """Convert a calibrated fake-quantized GraphModule to its deploy form, export it with
     ``torch.onnx.export`` and check the result in onnxruntime.
@@ -161,9 +162,6 @@ def export_model(
         export_format: ``qcdq`` (int8 containers) or ``packed`` (INT4/INT2 weight storage).
         opset: ONNX opset; None picks the lowest one the format needs (21 or 25).
         metadata: Extra model properties to store in the file.
-        integer_adds: Leave adds of two quantized tensors as ``Add``, which onnxruntime fuses
-            into its integer QLinearAdd: faster, but its fixed-point requantization moves some
-            codes by one (see docs/export.md, "Adds stay exact"). Off by default.
         probe: Images for the self-check (default: 16 random inputs at ``input_shape``). The
             first diverging activation may differ by one code on at most 0.5 % of its values,
             and top-1 agreement must reach 75 %.
@@ -197,8 +195,11 @@ def export_model(
     twins = quantizer_twins(deploy, probe_inputs[:2])
     tensors = activation_entries(model, deploy, fx_names, twins) + weight_entries(model, deploy)
     global_average_pools(model)
-    if not integer_adds:
-        float_adds_of_codes(model)
+    # adds and requantizations the model computes as onnxruntime's QLinearAdd stay fusable
+    float_adds_of_codes(model, {name for name, m in deploy.named_modules()
+                                if isinstance(m, IntegerAdd) and m.emulates()})
+    requantize_by_adding_zero(model, {m.target_name for m in deploy.modules()
+                                      if isinstance(m, IntegerRegrid) and m.emulates()})
     float_biases_outside(model)
     hold_requantized_codes(model)
     compact_metadata(model)

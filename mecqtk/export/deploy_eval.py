@@ -30,15 +30,17 @@ import torch.fx as fx
 from torch import nn
 
 from mecqtk.export.convert import DeployLayer, _batchnorm_tail, _deploy_layer
-from mecqtk.export.integer_kernels import IntegerSpatialMean, quantizes
+from mecqtk.export.integer_kernels import IntegerAdd, IntegerRegrid, IntegerSpatialMean, quantizes
 from mecqtk.graph.introspect import (
     batchnorm_user,
     feeding_quantizer,
     graph_modules,
+    is_relu,
+    passes_grid_through,
     qualified,
     requantizing_quantizer,
 )
-from mecqtk.graph.ops import image_mean_dims
+from mecqtk.graph.ops import ADD_FUNCTIONS, image_mean_dims, selects_values
 from mecqtk.quant.modules import QuantizedLayer
 from mecqtk.quant.quantizers import FakeQuantizer
 
@@ -149,6 +151,84 @@ def _integer_means(graph_module: fx.GraphModule, modules: dict[str, nn.Module]) 
     return replaced
 
 
+def _quantizer_call(node: object, modules: dict[str, nn.Module]) -> FakeQuantizer | None:
+    if isinstance(node, fx.Node) and node.op == "call_module":
+        module = modules.get(str(node.target))
+        if isinstance(module, FakeQuantizer):
+            return module
+    return None
+
+
+def _grid_source(node: fx.Node, modules: dict[str, nn.Module]) -> FakeQuantizer | None:
+    """The quantizer whose grid ``node``'s value lies on: the value itself, or one reached back
+    through max pools, slices, zero pads and alias modules (the convert stage requantizes such a
+    chain on the same grid, so the file dequantizes right before the add)."""
+    current: object = node
+    while isinstance(current, fx.Node):
+        found = _quantizer_call(current, modules)
+        if found is not None:
+            return found
+        if not (passes_grid_through(current, modules) or selects_values(current, modules)):
+            return None
+        current = current.args[0] if current.args else None
+    return None
+
+
+def _integer_adds(graph_module: fx.GraphModule, modules: dict[str, nn.Module]) -> int:
+    """Each add of two quantized values whose only reader is a quantizer (directly, or through
+    one ReLU that the quantizer's unsigned grid makes redundant) becomes an
+    :class:`~mecqtk.export.integer_kernels.IntegerAdd`; returns how many."""
+    replaced = 0
+    for node in list(graph_module.graph.nodes):
+        if (node.op != "call_function" or node.target not in ADD_FUNCTIONS or node.kwargs
+                or len(node.args) != 2 or not all(isinstance(a, fx.Node) for a in node.args)
+                or len(node.users) != 1):
+            continue
+        sources = [_grid_source(arg, modules) for arg in node.args]
+        reader = next(iter(node.users))
+        relu = is_relu(reader, modules) and len(reader.users) == 1
+        target = _quantizer_call(next(iter(reader.users)) if relu else reader, modules)
+        if sources[0] is None or sources[1] is None or target is None:
+            continue
+        name = f"integer_{node.name}"
+        graph_module.add_submodule(name, IntegerAdd(sources[0], sources[1], target, relu))
+        with graph_module.graph.inserting_before(node):
+            add = graph_module.graph.call_module(name, tuple(node.args))
+        add.meta = dict(node.meta)  # its annotation (a quantized add)
+        # the module path the file's Add is traced under, so the export finds it by its maker
+        stack = dict(node.meta.get("nn_module_stack") or {})
+        stack[name] = (name, IntegerAdd)
+        add.meta["nn_module_stack"] = stack
+        node.replace_all_uses_with(add)
+        graph_module.graph.erase_node(node)
+        replaced += 1
+    if replaced:
+        graph_module.recompile()
+    return replaced
+
+
+def _integer_regrids(graph_module: fx.GraphModule, modules: dict[str, nn.Module],
+                     prefix: str) -> int:
+    """Each quantizer reading another quantizer's output directly gets an
+    :class:`~mecqtk.export.integer_kernels.IntegerRegrid` in front; returns how many."""
+    added = 0
+    for node in list(graph_module.graph.nodes):
+        target = _quantizer_call(node, modules)
+        source = _quantizer_call(node.args[0], modules) if target is not None else None
+        if source is None or source is target:
+            continue
+        name = f"integer_regrid_{node.name}"
+        graph_module.add_submodule(
+            name, IntegerRegrid(source, target, qualified(prefix, str(node.target))))
+        with graph_module.graph.inserting_before(node):
+            regrid = graph_module.graph.call_module(name, (node.args[0],))
+        node.replace_input_with(node.args[0], regrid)
+        added += 1
+    if added:
+        graph_module.recompile()
+    return added
+
+
 def compute_deploy_form_in_eval(gm: fx.GraphModule) -> int:
     """Give every quantized layer of ``gm``'s graphs its eval form; returns how many.
 
@@ -184,6 +264,8 @@ def compute_deploy_form_in_eval(gm: fx.GraphModule) -> int:
                 bn.register_forward_hook(_AbsorbedBatchNorm(form))
             installed += 1
         installed += _integer_means(graph_module, modules)
+        installed += _integer_adds(graph_module, modules)
+        installed += _integer_regrids(graph_module, modules, prefix)
     # eager layers (called by leaf code): their own input quantizer, no BatchNorm folded, as
     # the convert stage builds them
     for name, module in gm.named_modules():

@@ -20,6 +20,13 @@ onnxruntime's formulas (x86, MLAS):
   ``m = float32(s_x / float32(s_y * float32(H*W)))``, the same rounding; the kernel refuses an
   ``m`` outside [2**-32, 256) (then the graph keeps a float ReduceMean, see
   :func:`~mecqtk.export.onnx_export.global_average_pools`).
+- QLinearAdd (x86-64 with FMA, MLAS ``qladd_avx2``): ``r_a = float32(s_a / s_c)``,
+  ``r_b = float32(s_b / s_c)``, ``f = float32(z_c - float32(r_a * z_a + r_b * z_b))``, then per
+  value ``c = saturate(round_half_even(fma(a, r_a, fma(b, r_b, f))))`` on the stored codes; with
+  a constant ``b`` (a requantization, ``Add(x, 0)``) ``f += float32(b * r_b)`` first. Measured
+  against onnxruntime 1.32 on 1.2 M values over 300 random scale and zero-point combinations:
+  identical. ARM builds use a fixed-point kernel instead: there the export's self-check refuses
+  the file, it does not pass silently.
 """
 
 from __future__ import annotations
@@ -88,6 +95,121 @@ class OutputGrid:
         """The quantizer's output for the requantized values ``scaled`` (float32)."""
         step = torch.tensor(self.step, dtype=torch.float32, device=scaled.device)
         return torch.round(scaled).clamp(self.low, self.high) * step
+
+
+def qlinear_add(a: Tensor, a_grid: OutputGrid, b: Tensor | float, b_grid: OutputGrid,
+                out: OutputGrid) -> Tensor:
+    """QLinearAdd's output codes (stored, with the zero point, rounded, before saturation) for
+    the stored codes ``a`` and ``b`` (a tensor, or one constant code), as float32.
+
+    Each fused multiply-add is computed in float64, where it is exact (an 8-bit code times a
+    float32 ratio needs 32 bits, and the sum stays within 53 while the ratios exceed 2**-20), and
+    rounded to float32 once, as the FMA instruction rounds.
+    """
+    f32 = np.float32
+    ratio_a = f32(f32(a_grid.step) / f32(out.step))
+    ratio_b = f32(f32(b_grid.step) / f32(out.step))
+    fixed = f32(f32(out.zero) - f32(f32(ratio_a * f32(a_grid.zero))
+                                    + f32(ratio_b * f32(b_grid.zero))))
+    if isinstance(b, float):
+        partial: Tensor | float = float(f32(fixed + f32(f32(b) * ratio_b)))
+    else:
+        partial = (b.double() * float(ratio_b) + float(fixed)).float().double()
+    codes = torch.round((a.double() * float(ratio_a) + partial).float())
+    # the conversion to int32 (cvtps2dq) turns a value outside int32 into INT32_MIN, which then
+    # saturates to the container's lowest code, not its highest (a step ratio of 1e14 was seen
+    # in a barely trained levit)
+    outside = ~((codes >= -(2.0**31)) & (codes < 2.0**31))
+    return torch.where(outside, torch.full_like(codes, -(2.0**31)), codes)
+
+
+class _GridsOf:
+    """The :class:`OutputGrid` of some quantizers held by reference, re-read when they change."""
+
+    def __init__(self, *quantizers: Any) -> None:
+        self.quantizers = quantizers  # a tuple: not registered as submodules
+        self._key: tuple | None = None
+        self._grids: tuple[OutputGrid, ...] | None = None
+
+    def emulated(self) -> tuple[OutputGrid, ...] | None:
+        """The grids, or None where onnxruntime would not run the integer kernel: a quantizer
+        not quantizing, per channel, or stored other than in uint8."""
+        if not all(quantizes(q) and not q.training and getattr(q, "axis", None) is None
+                   for q in self.quantizers):
+            return None
+        tensors = [t for q in self.quantizers for t in (*q.parameters(), *q.buffers())]
+        key = tuple((id(t), t._version) for t in tensors)
+        if self._grids is None or key != self._key:
+            self._grids = tuple(OutputGrid.of(q) for q in self.quantizers)
+            self._key = key
+        if any(grid.container != torch.uint8 for grid in self._grids):
+            return None
+        return self._grids
+
+
+class IntegerAdd(nn.Module):
+    """``x + y`` of two quantized values read by one quantizer: in eval mode, QLinearAdd's
+    arithmetic (the file keeps this ``Add``, and onnxruntime fuses it with its DequantizeLinear
+    inputs and QuantizeLinear output); in training and in the export trace, the float add.
+    ``relu``: a ReLU sits between the add and the quantizer; onnxruntime drops it (and the model
+    computes the kernel) only where the quantizer's grid starts at zero, which then clamps."""
+
+    def __init__(self, x_source: nn.Module, y_source: nn.Module, target: nn.Module,
+                 relu: bool = False) -> None:
+        super().__init__()
+        self.grids = _GridsOf(x_source, y_source, target)
+        self.relu = relu
+
+    def extra_repr(self) -> str:
+        return "then ReLU" if self.relu else ""
+
+    def _emulated(self) -> tuple[OutputGrid, ...] | None:
+        grids = self.grids.emulated()
+        if grids is not None and self.relu and grids[2].low != 0.0:
+            return None
+        return grids
+
+    def emulates(self) -> bool:
+        return self._emulated() is not None
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        grids = None if self.training or torch.compiler.is_exporting() else self._emulated()
+        if grids is None:
+            return x + y
+        x_grid, y_grid, out = grids
+        a = torch.round(x.float() / x_grid.step) + x_grid.zero
+        b = torch.round(y.float() / y_grid.step) + y_grid.zero
+        return out.dequantized(qlinear_add(a, x_grid, b, y_grid, out) - out.zero)
+
+
+class IntegerRegrid(nn.Module):
+    """A quantized value read by another quantizer: in eval mode, the requantization as
+    onnxruntime runs it, a QLinearAdd of the codes and a constant zero (the export writes
+    ``Add(x, DequantizeLinear(0))`` before the second quantizer, see
+    :func:`~mecqtk.export.onnx_export.requantize_by_adding_zero`); in training and in the export
+    trace, the value unchanged. ``target_name`` is the second quantizer's module path."""
+
+    def __init__(self, source: nn.Module, target: nn.Module, target_name: str) -> None:
+        super().__init__()
+        self.grids = _GridsOf(source, target)
+        self.target_name = target_name
+
+    def emulates(self) -> bool:
+        return self.grids.emulated() is not None
+
+    def forward(self, x: Tensor) -> Tensor:
+        grids = None if self.training or torch.compiler.is_exporting() else self.grids.emulated()
+        if grids is None:
+            return x
+        source, out = grids
+        a = torch.round(x.float() / source.step) + source.zero
+        return out.dequantized(qlinear_add(a, source, 0.0, zero_code_grid(out), out) - out.zero)
+
+
+def zero_code_grid(out: OutputGrid) -> OutputGrid:
+    """The grid of the constant the export adds in a requantization: code 0, zero point 0, the
+    target's step (so it stands for 0.0)."""
+    return OutputGrid(out.step, 0, 0.0, 0.0, torch.uint8)
 
 
 class IntegerRequantization(nn.Module):

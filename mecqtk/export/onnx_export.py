@@ -296,14 +296,15 @@ def global_average_pools(model: onnx.ModelProto) -> int:
     return replaced
 
 
-def float_adds_of_codes(model: onnx.ModelProto) -> int:
-    """An Add of two dequantized tensors becomes the same Sum, which onnxruntime leaves in float.
+def float_adds_of_codes(model: onnx.ModelProto, integer: set[str]) -> int:
+    """An Add of two dequantized tensors becomes the same Sum, which onnxruntime leaves in float,
+    unless the module that made it (one of ``integer``) computes onnxruntime's QLinearAdd in the
+    model (:class:`~mecqtk.export.integer_kernels.IntegerAdd`). Returns how many became Sum.
 
-    onnxruntime fuses DequantizeLinear -> Add -> QuantizeLinear into QLinearAdd, whose
-    requantization is not float-exact: on mobilenetv3_small_100 at W4A4 it moves 0.06 % of the
-    codes of the first residual add by one, and the difference reaches the logits (92 % top-1
-    agreement with the model; 99+ % with the float add). Sum is the same addition, not fused, and
-    cheap next to the convolutions around it, which keep their integer kernels. Returns how many.
+    onnxruntime fuses DequantizeLinear -> Add -> QuantizeLinear into QLinearAdd, whose rounding
+    differs from the float add's: on mobilenetv3_small_100 at W4A4 a float model moved 0.06 % of
+    the codes of the first residual add by one, and that reached the logits (92 % top-1 agreement).
+    Sum is the same addition, not fused.
     """
     dequantized = {out for node in model.graph.node if node.op_type == "DequantizeLinear"
                    for out in node.output}
@@ -311,10 +312,44 @@ def float_adds_of_codes(model: onnx.ModelProto) -> int:
     for index, node in enumerate(model.graph.node):
         if node.op_type != "Add" or not all(i in dequantized for i in node.input):
             continue
+        if owner_module(node, integer) is not None:
+            continue
         _replace_node(model, index,
                       helper.make_node("Sum", list(node.input), list(node.output), name=node.name))
         replaced += 1
     return replaced
+
+
+def requantize_by_adding_zero(model: onnx.ModelProto, targets: set[str]) -> int:
+    """Before the QuantizeLinear of each quantizer in ``targets`` (a requantization of another
+    quantizer's codes, see :class:`~mecqtk.export.integer_kernels.IntegerRegrid`), add a
+    dequantized constant 0: ``DequantizeLinear -> Add(0) -> QuantizeLinear`` is one QLinearAdd
+    in onnxruntime, where ``DequantizeLinear -> QuantizeLinear`` took two float passes (and an
+    integer Clip to hold the codes). Returns how many."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    added = 0
+    for node in list(model.graph.node):
+        if node.op_type != "QuantizeLinear" or owner_module(node, targets) is None:
+            continue
+        source = producers.get(node.input[0])
+        if source is None or source.op_type != "DequantizeLinear":
+            continue
+        code, zero_point = f"{node.name}.zero_code", f"{node.name}.zero_code_zero_point"
+        model.graph.initializer.extend([numpy_helper.from_array(np.array(0, np.uint8), code),
+                                        numpy_helper.from_array(np.array(0, np.uint8), zero_point)])
+        zero, total = f"{node.name}.zero", f"{node.name}.plus_zero"
+        nodes = [helper.make_node("DequantizeLinear", [code, node.input[1], zero_point], [zero],
+                                  name=f"{node.name}.zero"),
+                 helper.make_node("Add", [node.input[0], zero], [total],
+                                  name=f"{node.name}.requantize")]
+        for made in nodes:
+            made.metadata_props.extend(node.metadata_props)
+        index = list(model.graph.node).index(node)
+        for offset, made in enumerate(nodes):
+            model.graph.node.insert(index + offset, made)
+        node.input[0] = total
+        added += 1
+    return added
 
 
 def float_biases_outside(model: onnx.ModelProto) -> int:

@@ -43,7 +43,6 @@ def export_run(
     opset: int | None = None,
     out: str | Path | None = None,
     data: str | None = None,
-    integer_adds: bool = False,
 ) -> ExportResult:
     """Export the trained model of a run folder to ONNX, with its quant manifest beside it.
 
@@ -75,7 +74,7 @@ def export_run(
             )
         probe = next(iter(bundle.val_loader))[0].float()
     model, manifest = export_model(
-        gm, tuple(info.input_size), export_format, opset, integer_adds=integer_adds,
+        gm, tuple(info.input_size), export_format, opset,
         metadata={METADATA_RUN: source["run_dir"], "mecqtk.model": info.model,
                   "mecqtk.recipe": recipe.name},
         probe=probe,

@@ -227,7 +227,8 @@ def batchnorm_user(node: fx.Node, modules: dict[str, nn.Module],
     return user
 
 
-def _is_relu(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+def is_relu(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node`` is a plain ReLU (module, function or method)."""
     if node.op == "call_module":
         return isinstance(modules[str(node.target)], nn.ReLU)
     if node.op == "call_function":
@@ -273,7 +274,7 @@ def requantizing_quantizer(node: fx.Node, modules: dict[str, nn.Module],
         module = modules.get(str(user.target)) if user.op == "call_module" else None
         if isinstance(module, FakeQuantizer):
             return module, relu
-        if relu or not _is_relu(user, modules):
+        if relu or not is_relu(user, modules):
             return None
         current, relu = user, True
     return None

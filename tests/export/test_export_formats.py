@@ -73,17 +73,22 @@ def test_qcdq_holds_int8_weights_and_clips_low_bit_activations(residual_net, tmp
     assert len(clips) == len(two_bit) == 3
     for clip in clips:
         assert (inits[clip.input[1]], inits[clip.input[2]]) == (0, 3)  # unsigned 2-bit grid
-    # the 8-bit residual stream requantized for the 2-bit convs: its codes are held by a
-    # full-range Clip, so onnxruntime cannot merge the two roundings into one
-    assert len(holds) == 3
-    for hold in holds:
-        assert (inits[hold.input[1]], inits[hold.input[2]]) == (0, 255)
+    # the 8-bit residual stream requantized for the 2-bit convs: by adding a dequantized zero,
+    # so onnxruntime runs it as one QLinearAdd (which the model computes in eval mode) and its
+    # DoubleQDQPairsRemover has no Q -> DQ -> Q -> DQ chain to merge into one rounding
+    assert not holds
+    requantizations = [n for n in model.graph.node if n.name.endswith(".requantize")]
+    assert len(requantizations) == 3 and all(n.op_type == "Add" for n in requantizations)
+    for add in requantizations:
+        zero = next(n for n in model.graph.node if n.output[0] == add.input[1])
+        assert zero.op_type == "DequantizeLinear" and inits[zero.input[0]] == 0
     # every node records the module that made it: a reported layer can be found in the graph
     for module in ("conv1", "conv2", "conv3", "branch", "fc", "aq_relu", "aq_relu_1"):
         assert _owned(model, module), module
     quantizers = {e.layer for e in manifest.activations()}
     assert all(owner_module(clip, quantizers) for clip in clips)
-    assert _fused_ops(model, tmp_path)["Clip"] == 3 + 3
+    fused = _fused_ops(model, tmp_path)
+    assert fused["Clip"] == 3 and fused["QLinearAdd"] >= 3, fused
 
 
 @pytest.mark.parametrize("export_format", ["qcdq", "packed"])

@@ -9,9 +9,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from mecqtk.export.onnx_export import (
+    MODULE_KEY,
     float_adds_of_codes,
     global_average_pools,
     hold_requantized_codes,
+    requantize_by_adding_zero,
 )
 
 SCALE_1, SCALE_2 = np.float32(0.011), np.float32(0.0109)  # two 8-bit steps in a row
@@ -58,23 +60,50 @@ def test_requantization_keeps_both_roundings():
     assert np.array_equal(_run(held, x), expected.astype(np.float32))
 
 
-def test_only_adds_of_two_dequantized_tensors_become_sums():
+def _made_by(node: onnx.NodeProto, module: str) -> onnx.NodeProto:
+    node.metadata_props.append(onnx.StringStringEntryProto(key=MODULE_KEY, value=module))
+    return node
+
+
+def test_adds_of_two_dequantized_tensors_become_sums_unless_the_model_computes_qlinearadd():
     inits = [numpy_helper.from_array(np.array(v, dt), n) for n, v, dt in (
         ("s", 0.1, np.float32), ("zp", 0, np.int8), ("c", np.ones(8), np.float32))]
     nodes = [
         helper.make_node("DequantizeLinear", ["a", "s", "zp"], ["da"]),
         helper.make_node("DequantizeLinear", ["b", "s", "zp"], ["db"]),
         helper.make_node("Add", ["da", "db"], ["sum"], name="codes_add"),
-        helper.make_node("Add", ["sum", "c"], ["y"], name="float_add"),
+        helper.make_node("Add", ["sum", "c"], ["float_sum"], name="float_add"),
+        _made_by(helper.make_node("Add", ["da", "db"], ["y"], name="kernel_add"),
+                 "integer_add"),
     ]
     graph = helper.make_graph(
         nodes, "adds",
         [helper.make_tensor_value_info(n, TensorProto.INT8, [8]) for n in ("a", "b")],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8])], inits)
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [8]) for n in ("float_sum", "y")],
+        inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
-    assert float_adds_of_codes(model) == 1
+    assert float_adds_of_codes(model, {"integer_add"}) == 1
     assert [n.op_type for n in model.graph.node] == [
-        "DequantizeLinear", "DequantizeLinear", "Sum", "Add"]
+        "DequantizeLinear", "DequantizeLinear", "Sum", "Add", "Add"]
+
+
+def test_a_requantization_the_model_computes_as_qlinearadd_adds_a_dequantized_zero():
+    model = _requantize_chain()
+    _made_by(model.graph.node[2], "aq_second")  # q2
+    assert requantize_by_adding_zero(model, {"aq_other"}) == 0
+    assert requantize_by_adding_zero(model, {"aq_second"}) == 1
+    assert hold_requantized_codes(model) == 0  # no Q -> DQ -> Q chain left to merge
+    ops = [n.op_type for n in model.graph.node]
+    assert ops == ["QuantizeLinear", "DequantizeLinear", "DequantizeLinear", "Add",
+                   "QuantizeLinear", "DequantizeLinear"], ops
+    zero = model.graph.node[2]
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert inits[zero.input[0]] == 0 and inits[zero.input[2]] == 0 and zero.input[1] == "s2"
+    x = np.random.default_rng(1).uniform(-1.4, 1.4, 4096).astype(np.float32)
+    # the same value as the two roundings, up to onnxruntime's rounding of the requantization
+    twice = (np.clip(np.round(np.clip(np.round(x / SCALE_1), -128, 127) * SCALE_1 / SCALE_2),
+                     -128, 127) * SCALE_2)
+    assert np.mean(np.isclose(_run(model, x), twice, atol=1e-6)) > 0.999
 
 
 def _spatial_mean(input_scale: float, output_scale: float, side: int) -> onnx.ModelProto:
