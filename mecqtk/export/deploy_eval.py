@@ -35,12 +35,12 @@ from mecqtk.graph.introspect import (
     batchnorm_user,
     feeding_quantizer,
     graph_modules,
+    grid_quantizer,
     is_relu,
-    passes_grid_through,
     qualified,
     requantizing_quantizer,
 )
-from mecqtk.graph.ops import ADD_FUNCTIONS, image_mean_dims, selects_values
+from mecqtk.graph.ops import ADD_FUNCTIONS, image_mean_dims
 from mecqtk.quant.modules import QuantizedLayer
 from mecqtk.quant.quantizers import FakeQuantizer
 
@@ -159,21 +159,6 @@ def _quantizer_call(node: object, modules: dict[str, nn.Module]) -> FakeQuantize
     return None
 
 
-def _grid_source(node: fx.Node, modules: dict[str, nn.Module]) -> FakeQuantizer | None:
-    """The quantizer whose grid ``node``'s value lies on: the value itself, or one reached back
-    through max pools, slices, zero pads and alias modules (the convert stage requantizes such a
-    chain on the same grid, so the file dequantizes right before the add)."""
-    current: object = node
-    while isinstance(current, fx.Node):
-        found = _quantizer_call(current, modules)
-        if found is not None:
-            return found
-        if not (passes_grid_through(current, modules) or selects_values(current, modules)):
-            return None
-        current = current.args[0] if current.args else None
-    return None
-
-
 def _integer_adds(graph_module: fx.GraphModule, modules: dict[str, nn.Module]) -> int:
     """Each add of two quantized values whose only reader is a quantizer (directly, or through
     one ReLU that the quantizer's unsigned grid makes redundant) becomes an
@@ -184,7 +169,10 @@ def _integer_adds(graph_module: fx.GraphModule, modules: dict[str, nn.Module]) -
                 or len(node.args) != 2 or not all(isinstance(a, fx.Node) for a in node.args)
                 or len(node.users) != 1):
             continue
-        sources = [_grid_source(arg, modules) for arg in node.args]
+        # the convert stage requantizes a chain of slices, pads or max pools on its input's grid,
+        # so the file dequantizes each operand right before the add
+        found = [grid_quantizer(arg, modules, through_selections=True) for arg in node.args]
+        sources = [None if f is None else f[1] for f in found]
         reader = next(iter(node.users))
         relu = is_relu(reader, modules) and len(reader.users) == 1
         target = _quantizer_call(next(iter(reader.users)) if relu else reader, modules)

@@ -18,7 +18,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from mecqtk.graph.meta import NodeQuant, annotated_nodes, get_quant, graph_info
-from mecqtk.graph.ops import LAYER_KINDS, node_arguments, node_kind, preserves_grid
+from mecqtk.graph.ops import (
+    LAYER_KINDS,
+    node_arguments,
+    node_kind,
+    preserves_grid,
+    selects_values,
+)
 from mecqtk.quant.bn_fold import BatchNorm
 from mecqtk.quant.modules import LayerKind, QuantizedLayer, layer_weight_quantizers
 from mecqtk.quant.quantizers import FakeQuantizer
@@ -103,21 +109,31 @@ def passes_grid_through(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return node.op == "call_module" and isinstance(modules[str(node.target)], ALIAS_MODULES)
 
 
-def feeding_quantizer(node: fx.Node,
-                      modules: dict[str, nn.Module]) -> tuple[str, FakeQuantizer] | None:
-    """The activation quantizer whose grid ``node``'s first argument lies on, with its module
-    name in ``node``'s graph: the argument itself, or a quantizer reached back through max pools
-    and alias modules. None when a value on the way is computed (it is on no grid)."""
-    source = node.args[0] if node.args else None
+def grid_quantizer(value: object, modules: dict[str, nn.Module],
+                   through_selections: bool = False) -> tuple[str, FakeQuantizer] | None:
+    """The activation quantizer whose grid ``value`` lies on, with its module name in the
+    value's graph: the value itself, or a quantizer reached back through max pools and alias
+    modules (and, ``through_selections``, slices and zero pads, see
+    :func:`~mecqtk.graph.ops.selects_values`). None when a value on the way is computed (it is on
+    no grid)."""
+    source = value
     while isinstance(source, fx.Node):
         if source.op == "call_module":
             module = modules[str(source.target)]
             if isinstance(module, FakeQuantizer):
                 return str(source.target), module
-        if not passes_grid_through(source, modules):
+        if not (passes_grid_through(source, modules)
+                or (through_selections and selects_values(source, modules))):
             return None
         source = source.args[0] if source.args else None
     return None
+
+
+def feeding_quantizer(node: fx.Node,
+                      modules: dict[str, nn.Module]) -> tuple[str, FakeQuantizer] | None:
+    """The activation quantizer whose grid ``node``'s first argument lies on (see
+    :func:`grid_quantizer`)."""
+    return grid_quantizer(node.args[0] if node.args else None, modules)
 
 
 @dataclass(frozen=True)
