@@ -9,7 +9,6 @@ from torch import nn
 
 from mecqtk.errors import RecipeError
 from mecqtk.graph import annotate, annotated_nodes, prepare, trace
-from mecqtk.graph.ops import node_arguments
 from mecqtk.quant.quantizers import FakeQuantizer
 from mecqtk.recipe import QuantConfig, recipe_from_dict
 
@@ -32,6 +31,14 @@ class Residual(nn.Module):
         c = torch.cat([t, torch.relu(x)], dim=1)
         p = self.pool(c)
         return self.fc(F.adaptive_avg_pool2d(p, 1).flatten(1)) + x.shape[1]
+
+
+def _through_regrid(node):
+    """``prepare`` puts an IntegerRegrid (the eval-time requantization of the deploy form, a
+    pass-through in training) in front of a quantizer that reads another: look through it."""
+    if node.op == "call_module" and str(node.target).startswith("integer_regrid_"):
+        return node.args[0]
+    return node
 
 
 def _decisions(gm):
@@ -65,17 +72,17 @@ def test_insert_wires_quantizers_into_add_and_cat_operands():
     qmodel = prepare(Residual(), QuantConfig())
     graph = {n.name: n for n in qmodel.graph.nodes}
     modules = dict(qmodel.named_modules())
-    add_args = node_arguments(graph["add"])
-    assert all(isinstance(modules[a.target], FakeQuantizer) for a in add_args)
+    add = graph["integer_add"]  # the add, computing onnxruntime's QLinearAdd in eval mode
+    assert all(isinstance(modules[a.target], FakeQuantizer) for a in add.args)
     # every consumer of the add sees its quantized output
-    assert all(u.op == "call_module" and u.target.startswith("aq_") for u in graph["add"].users)
+    assert all(u.op == "call_module" and u.target.startswith("aq_") for u in add.users)
     cat_pieces = graph["cat"].args[0]
     assert all(p.op == "call_module" and p.target.startswith("aq_") for p in cat_pieces)
     out = qmodel(torch.randn(2, 4, 8, 8))
     out.sum().backward()
     assert torch.isfinite(out).all()
     # 8-bit junction steps are calibrated, not learned (quant.residual.learn_step: false)
-    assert not modules[next(iter(graph["add"].users)).target].scale.requires_grad
+    assert not modules[next(iter(add.users)).target].scale.requires_grad
 
 
 def test_residual_section_can_disable_ops_and_rules_can_skip():
@@ -140,8 +147,9 @@ def test_a_value_wanted_on_two_grids_is_stored_at_the_wider_one():
     wide = graph["aq_layer1_0_act2"]  # the 8-bit residual stream after block layer1.0
     narrow = graph["aq_layer1_0_act2_u4"]  # what layer1.1.conv1 reads
     assert modules[wide.target].spec.bits == 8 and modules[narrow.target].spec.bits == 4
-    assert narrow.args[0] is wide  # the 4-bit grid requantizes the stored 8-bit tensor
-    assert graph["layer1_1_conv1"].args[0] is narrow and wide in graph["add_1"].args
+    # the 4-bit grid requantizes the stored 8-bit tensor
+    assert _through_regrid(narrow.args[0]) is wide
+    assert graph["layer1_1_conv1"].args[0] is narrow and wide in graph["integer_add_1"].args
 
 
 def test_equal_grids_share_one_quantizer_and_a_max_pool_keeps_its_input_grid():
@@ -170,11 +178,13 @@ def test_cifar_resnet20_shortcuts_share_the_block_inputs_quantizer():
     identity = graph["layer1_0_shortcut"]  # nn.Identity
     assert identity.args[0].target == "aq_act1" and modules["aq_act1"].bits == 8
     assert graph["layer1_0_conv1"].args[0].target == "aq_act1_u4"
-    assert graph["aq_act1_u4"].args[0] is graph["aq_act1"] and modules["aq_act1_u4"].bits == 4
-    assert graph["add"].args[1] is identity
+    assert _through_regrid(graph["aq_act1_u4"].args[0]) is graph["aq_act1"]
+    assert modules["aq_act1_u4"].bits == 4
+    assert graph["integer_add"].args[1] is identity
     # option A in layer2.0: slice + pad of the stored 8-bit block input, straight into the add
     assert graph["getitem"].args[0].target == "aq_layer1_2_act2"
-    assert graph["pad"].args[0] is graph["getitem"] and graph["add_3"].args[1] is graph["pad"]
+    assert graph["pad"].args[0] is graph["getitem"]
+    assert graph["integer_add_3"].args[1] is graph["pad"]
     assert not any(name.startswith(("aq_layer1_0_shortcut", "aq_pad", "aq_add"))
                    for name in modules)
     assert torch.isfinite(qmodel(torch.randn(2, 3, 32, 32))).all()
