@@ -124,6 +124,19 @@ def _module_calls(graph: fx.Graph) -> Counter:
     return Counter(str(n.target) for n in graph.nodes if n.op == "call_module")
 
 
+def _replace_by_module(graph_module: fx.GraphModule, node: fx.Node, name: str,
+                       module: nn.Module, args: tuple) -> fx.Node:
+    """Put ``module`` (as submodule ``name``, called on ``args``) in place of ``node``, keeping
+    its annotation (the quantized op it was)."""
+    graph_module.add_submodule(name, module)
+    with graph_module.graph.inserting_before(node):
+        new = graph_module.graph.call_module(name, args)
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    graph_module.graph.erase_node(node)
+    return new
+
+
 def _integer_means(graph_module: fx.GraphModule, modules: dict[str, nn.Module]) -> int:
     """Each spatial mean between two per-tensor quantizers becomes an
     :class:`~mecqtk.export.integer_kernels.IntegerSpatialMean` (the same float mean in
@@ -138,13 +151,8 @@ def _integer_means(graph_module: fx.GraphModule, modules: dict[str, nn.Module]) 
         target = modules.get(str(user.target)) if user.op == "call_module" else None
         if not isinstance(target, FakeQuantizer):
             continue
-        name = f"integer_{node.name}"
-        graph_module.add_submodule(name, IntegerSpatialMean(dims, found[1], target))
-        with graph_module.graph.inserting_before(node):
-            mean = graph_module.graph.call_module(name, (node.args[0],))
-        mean.meta = dict(node.meta)  # its annotation (a quantized pool)
-        node.replace_all_uses_with(mean)
-        graph_module.graph.erase_node(node)
+        _replace_by_module(graph_module, node, f"integer_{node.name}",
+                           IntegerSpatialMean(dims, found[1], target), (node.args[0],))
         replaced += 1
     if replaced:
         graph_module.recompile()
@@ -179,16 +187,12 @@ def _integer_adds(graph_module: fx.GraphModule, modules: dict[str, nn.Module]) -
         if sources[0] is None or sources[1] is None or target is None:
             continue
         name = f"integer_{node.name}"
-        graph_module.add_submodule(name, IntegerAdd(sources[0], sources[1], target, relu))
-        with graph_module.graph.inserting_before(node):
-            add = graph_module.graph.call_module(name, tuple(node.args))
-        add.meta = dict(node.meta)  # its annotation (a quantized add)
+        add = _replace_by_module(graph_module, node, name,
+                                 IntegerAdd(sources[0], sources[1], target, relu),
+                                 tuple(node.args))
         # the module path the file's Add is traced under, so the export finds it by its maker
-        stack = dict(node.meta.get("nn_module_stack") or {})
-        stack[name] = (name, IntegerAdd)
-        add.meta["nn_module_stack"] = stack
-        node.replace_all_uses_with(add)
-        graph_module.graph.erase_node(node)
+        add.meta["nn_module_stack"] = {**(add.meta.get("nn_module_stack") or {}),
+                                       name: (name, IntegerAdd)}
         replaced += 1
     if replaced:
         graph_module.recompile()
