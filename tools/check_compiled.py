@@ -70,7 +70,7 @@ def check_kernels(device: torch.device) -> Table:
         eager = _run(arith._FakeQuantize.apply, x, scale, zero_point, bounds)
         fused = _run(traced, x, scale, zero_point, bounds)
         cpu = arith._forward_kernel(x.cpu(), scale.cpu(),
-                                    None if zero_point is None else zero_point.cpu(), *bounds)[0]
+                                    None if zero_point is None else zero_point.cpu(), *bounds)
         rel = (fused[2] - eager[2]).abs().max() / eager[2].abs().max()
         table.add_row(name, str(x.numel()), str(int((fused[0] != eager[0]).sum())),
                       str(int((fused[1] != eager[1]).sum())),

@@ -182,19 +182,21 @@ def _strip_parameters(layer: nn.Module) -> nn.Module:
 def integer_requantization(layer: DeployLayer, input_step: float | None,
                            found: tuple[FakeQuantizer, bool] | None,
                            where: str) -> IntegerRequantization | None:
-    """The requantization onnxruntime fuses into ``layer`` (QLinearConv, see
+    """The integer kernel onnxruntime runs for ``layer`` (QLinearConv or QGemm, see
     :mod:`~mecqtk.export.integer_kernels`), given the quantizer that reads its output directly
-    (:func:`~mecqtk.graph.introspect.requantizing_quantizer`); None when the runtime computes that
-    conv in float: its output goes elsewhere, its input or bias is off the integer grid, or a
-    ReLU sits before a quantizer whose zero point is not its container's minimum (onnxruntime
-    drops such a ReLU only when it changes nothing)."""
-    if (found is None or input_step is None or layer.bias_float is not None
-            or not isinstance(layer.layer, nn.modules.conv._ConvNd)
+    (:func:`~mecqtk.graph.introspect.requantizing_quantizer`). A Linear whose output stays float
+    still runs as QGemm, with a float output. None when the runtime computes the layer in float:
+    a conv whose output goes elsewhere, an input or bias off the integer grid, or a ReLU before
+    a quantizer whose zero point is not its container's minimum (onnxruntime drops such a ReLU
+    only when it changes nothing)."""
+    is_linear = isinstance(layer.layer, nn.Linear)
+    if (input_step is None or layer.bias_float is not None
+            or not (is_linear or isinstance(layer.layer, nn.modules.conv._ConvNd))
             or layer_form(layer.layer) is None or layer.float_form_weight):
         return None
-    quantizer, relu = found
-    if not quantizes(quantizer) or quantizer.axis is not None:
-        return None
+    quantizer, relu = found if found is not None else (None, False)
+    if quantizer is None or not quantizes(quantizer) or quantizer.axis is not None:
+        return IntegerRequantization(input_step, None) if is_linear and not relu else None
     output = OutputGrid.of(quantizer, where)
     if relu and output.zero != torch.iinfo(output.container).min:
         return None

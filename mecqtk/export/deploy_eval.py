@@ -30,6 +30,7 @@ import torch.fx as fx
 from torch import nn
 
 from mecqtk.export.convert import DeployLayer, _batchnorm_tail, _deploy_layer
+from mecqtk.export.float64_norms import norms_in_float64
 from mecqtk.export.integer_kernels import IntegerAdd, IntegerRegrid, IntegerSpatialMean, quantizes
 from mecqtk.graph.introspect import (
     batchnorm_user,
@@ -222,7 +223,8 @@ def _integer_regrids(graph_module: fx.GraphModule, modules: dict[str, nn.Module]
 
 
 def compute_deploy_form_in_eval(gm: fx.GraphModule) -> int:
-    """Give every quantized layer of ``gm``'s graphs its eval form; returns how many.
+    """Give every quantized layer of ``gm``'s graphs its eval form, and every normalisation
+    its float64 eval form (:mod:`~mecqtk.export.float64_norms`); returns how many.
 
     Example:
         >>> compute_deploy_form_in_eval(qmodel)  # done by mecqtk.prepare
@@ -264,7 +266,7 @@ def compute_deploy_form_in_eval(gm: fx.GraphModule) -> int:
         if isinstance(module, QuantizedLayer) and module.input_quantizer is not None:
             module.deploy_form = DeployForm(module, name, None, None, module.input_quantizer)
             installed += 1
-    return installed
+    return installed + norms_in_float64(gm)
 
 
 @contextmanager

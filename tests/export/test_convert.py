@@ -144,8 +144,9 @@ def test_convs_whose_output_a_quantizer_reads_compute_the_runtimes_requantizatio
     requantizing = {name for name, m in deploy.named_modules()
                     if isinstance(m, DeployLayer) and m.requantization is not None}
     # conv1 -> bn1 -> relu -> aq; conv2 -> bn2 -> aq (before the residual add); conv3 -> bn3 ->
-    # aq; branch -> relu -> aq. The Linear is not a conv.
-    assert requantizing == {"conv1", "conv2", "conv3", "branch"}
+    # aq; branch -> relu -> aq. The Linear's logits stay float: QGemm with a float output.
+    assert requantizing == {"conv1", "conv2", "conv3", "branch", "fc"}
+    assert deploy.get_submodule("fc").requantization.output is None
     layer = deploy.get_submodule("conv3")
     x = torch.relu(images(8, 3)[:, :1].repeat(1, 8, 1, 1))
     step = layer.requantization.input_scale
