@@ -34,11 +34,14 @@ from mecqtk.graph.zoo import COVERAGE_MODELS, FURTHER_MODELS  # noqa: E402
 
 
 def smallest_learned_step(checkpoint: Path) -> float | None:
-    """The smallest value of any learned quantizer step (``*.scale``) in a run's checkpoint."""
+    """The smallest value of any learned quantizer step in a run's checkpoint: a ``*.scale``
+    beside a ``*.step_floor`` (a quantizer's; timm's LayerScale ``gamma`` is also called
+    ``scale`` in some families, poolformer's, and may be negative)."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     weights = state.get("state_dict", state)
     steps = [t.min().item() for k, t in weights.items()
-             if k.endswith(".scale") and torch.is_tensor(t) and t.numel()]
+             if k.endswith(".scale") and k.removesuffix(".scale") + ".step_floor" in weights
+             and torch.is_tensor(t) and t.numel()]
     return min(steps) if steps else None
 
 
