@@ -16,6 +16,10 @@ onnxruntime's formulas (x86, MLAS):
 - QLinearConv: ``acc = sum((x - zx) * (w - zw)) + bias_codes`` (int32),
   ``m[c] = float32(float32(s_x * s_w[c]) / s_y)``, ``q = clamp(round_half_even(float32(acc) *
   m[c]) + zy)``.
+- QGemm (a Linear on a 2-D input): QLinearConv's arithmetic with a quantized output; with a float
+  output ``float32(float32(acc + bias_codes) * float32(s_x * s_w[c]))``.
+- MatMulIntegerToFloat (a Linear on a 3-D or wider input, batch size unknown), then the float
+  bias Add: ``float32(float32(acc) * float32(s_x * s_w[c])) + float32(bias_codes * s_b[c])``.
 - QLinearGlobalAveragePool: ``acc = sum(x - zx)`` over the H*W pixels,
   ``m = float32(s_x / float32(s_y * float32(H*W)))``, the same rounding; the kernel refuses an
   ``m`` outside [2**-32, 256) (then the graph keeps a float ReduceMean, see
