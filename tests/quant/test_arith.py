@@ -82,3 +82,15 @@ def test_zero_point_grid_matches_onnx_formula():
     y = fake_quantize(x, scale, 0, 255, zero_point=zp)
     q = torch.clamp(torch.round(x / scale) + zp, 0, 255)
     assert torch.equal(y, (q - zp) * scale)
+
+
+def test_fake_quant_saves_its_input_not_a_new_tensor():
+    """Training memory: the backward recomputes x / s from the saved input, which the layer
+    before usually keeps alive anyway; a saved quotient was a second activation-sized tensor per
+    quantizer (inception_v3's QAT forward held 3.44 GB at batch 16 instead of 2.84)."""
+    x = torch.randn(4, 8, 5, 5, requires_grad=True)
+    scale = torch.tensor(0.1, requires_grad=True)
+    out = fake_quantize(x, scale, -8, 7)
+    saved = out.grad_fn.saved_tensors
+    assert saved[0].data_ptr() == x.data_ptr()
+    assert all(t.numel() <= 1 for t in saved[1:] if t is not None)
