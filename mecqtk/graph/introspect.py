@@ -23,6 +23,7 @@ from mecqtk.graph.ops import (
     node_arguments,
     node_kind,
     preserves_grid,
+    rearranges_values,
     selects_values,
 )
 from mecqtk.quant.bn_fold import BatchNorm
@@ -273,9 +274,11 @@ def requantizing_quantizer(node: fx.Node, modules: dict[str, nn.Module],
     between them.
 
     Between ``node`` (the layer) and the quantizer there may be only ``batchnorm`` (the
-    BatchNorm the layer absorbs) and one ReLU, each with one user. That group is what an integer
-    runtime runs as one kernel that requantizes its int32 accumulator (onnxruntime's
-    QLinearConv). None when the output goes anywhere else.
+    BatchNorm the layer absorbs), one ReLU and ops that only rearrange values (a ViT's patch
+    embedding: flatten, transpose), each with one user. That group is what an integer runtime
+    runs as one kernel that requantizes its int32 accumulator (onnxruntime's QLinearConv: it
+    moves the QuantizeLinear back over the rearranging ops). None when the output goes anywhere
+    else.
     """
     current, relu = node, False
     if batchnorm is not None:
@@ -290,6 +293,9 @@ def requantizing_quantizer(node: fx.Node, modules: dict[str, nn.Module],
         module = modules.get(str(user.target)) if user.op == "call_module" else None
         if isinstance(module, FakeQuantizer):
             return module, relu
+        if rearranges_values(user, modules):
+            current = user
+            continue
         if relu or not is_relu(user, modules):
             return None
         current, relu = user, True

@@ -138,6 +138,26 @@ def preserves_grid(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     )
 
 
+# Ops that only move values (same values, another layout). onnxruntime moves a QuantizeLinear
+# back over them (its QDQ propagation: Reshape, Transpose, Squeeze, Unsqueeze), so a layer whose
+# output reaches a quantizer only through these still runs on an integer kernel.
+REARRANGING_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "contiguous",
+                       "squeeze", "unsqueeze"}
+REARRANGING_FUNCTIONS = {torch.reshape, torch.flatten, torch.permute, torch.transpose,
+                         torch.squeeze, torch.unsqueeze}
+
+
+def rearranges_values(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node`` passes its first argument's values on in another layout (a reshape,
+    flatten, transpose, ...) or unchanged (an alias module in eval: Identity, Dropout)."""
+    if node.op == "call_module":
+        return isinstance(modules[str(node.target)],
+                          (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d))
+    if node.op == "call_method":
+        return node.target in REARRANGING_METHODS
+    return node.op == "call_function" and node.target in REARRANGING_FUNCTIONS
+
+
 def selects_values(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """Whether ``node`` only passes on, picks or zero-pads values of its first argument:
     ``nn.Identity``, basic indexing (``x[:, :, ::2, ::2]``) and constant zero padding, as in the
