@@ -14,6 +14,8 @@ import warnings
 
 import torch
 
+from mecqtk.quant.saved_codes import remember_grid
+
 
 def integer_range(bits: int, signed: bool) -> tuple[int, int]:
     """The integer grid [qmin, qmax] of a ``bits``-wide signed or unsigned code."""
@@ -185,7 +187,9 @@ def fake_quantize(
     """
     if torch.compiler.is_compiling():
         return _traceable_fake_quantize(x, scale, zero_point, qmin, qmax, grad_scale)
-    return _FakeQuantize.apply(x, scale, zero_point, qmin, qmax, grad_scale)
+    out = _FakeQuantize.apply(x, scale, zero_point, qmin, qmax, grad_scale)
+    remember_grid(out, scale, qmin, qmax, zero_point)
+    return out
 
 
 def quantize_to_codes(

@@ -14,6 +14,7 @@ from torch import nn
 
 from mecqtk.errors import MecqtkError
 from mecqtk.quant.quantizers import keep_steps_valid
+from mecqtk.quant.saved_codes import codes_for_backward
 
 
 class LossTerm(Protocol):
@@ -84,6 +85,7 @@ class TrainStep:
     grad_clip: float | None = None
     channels_last: bool = False
     extra_terms: list[LossTerm] = field(default_factory=list)
+    compiled: bool = False  # torch.compile plans the saved tensors itself
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.amp == "none":
@@ -148,7 +150,9 @@ def train_one_epoch(
             before_step = getattr(term, "before_step", None)
             if before_step is not None:
                 before_step(images, step)
-        with s.autocast():
+        # the quantizer outputs autograd keeps are stored as integer codes (eager only)
+        saving = contextlib.nullcontext() if s.compiled else codes_for_backward()
+        with s.autocast(), saving:
             logits = s.model(images)
             task = F.cross_entropy(logits.float(), labels, label_smoothing=s.label_smoothing)
             terms = {"ce": task}

@@ -85,7 +85,7 @@ class TrainingSession:
             model=student, optimizer=self.optimizer, scheduler=self.scheduler, device=device,
             amp=train.amp if device.type == "cuda" or train.amp == "bf16" else "none",
             scaler=scaler, label_smoothing=train.label_smoothing, grad_clip=train.grad_clip,
-            channels_last=train.channels_last, extra_terms=self.terms,
+            channels_last=train.channels_last, extra_terms=self.terms, compiled=self.compiled,
         )
         self.start_epoch = 0
         self.global_step = 0

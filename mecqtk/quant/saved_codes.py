@@ -1,0 +1,73 @@
+"""Quantizer outputs kept for the backward pass as their integer codes, not as float32.
+
+A conv or Linear saves its input for its weight gradient. In QAT that input is a quantizer's
+output: a float32 tensor that holds only ``2**bits`` distinct values, ``(code - zero) * step``.
+Inside :func:`codes_for_backward` such a tensor is stored as int8 codes (int16 for 8-bit grids)
+and rebuilt by the same float32 product when the backward needs it, bit for bit the tensor the
+forward computed. The float model keeps one activation per layer input; QAT used to keep two
+(the quantizer's input and its output), and inception_v3's training step at 299 px did not fit
+in 24 GB at the recipes' batch of 128.
+
+Only eager autograd sees these hooks; ``torch.compile`` plans its own saved tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch.utils.weak import WeakTensorKeyDictionary
+
+Tensor = torch.Tensor
+
+_grids: WeakTensorKeyDictionary | None = None  # quantizer output -> its step, while active
+
+
+def remember_grid(out: Tensor, step: Tensor, qmin: int, qmax: int,
+                  zero_point: Tensor | None) -> None:
+    """Note that ``out`` is ``(codes - zero_point) * step`` with codes in ``[qmin, qmax]``; a no-op
+    outside :func:`codes_for_backward`."""
+    if _grids is None or not out.requires_grad or out.dtype != torch.float32:
+        return
+    # codes - zero_point: within [qmin, qmax] without a zero point; with one (which may be
+    # learned), int16 leaves room for any zero point a grid of up to 8 bits can have
+    narrow = zero_point is None and qmin >= -128 and qmax <= 127
+    dtype = torch.int8 if narrow else torch.int16
+    _grids[out] = (step.detach(), dtype)
+
+
+def _pack(tensor: Tensor) -> object:
+    grid = _grids.get(tensor) if _grids is not None else None
+    if grid is None:
+        return tensor
+    step, dtype = grid
+    # out / step is within 2**-20 of an integer: rounding gives the code exactly
+    return torch.round(tensor.detach() / step).to(dtype), step, tensor.requires_grad
+
+
+def _unpack(packed: object) -> Tensor:
+    if isinstance(packed, Tensor):
+        return packed
+    codes, step, requires_grad = packed
+    return (codes.to(torch.float32) * step).requires_grad_(requires_grad)
+
+
+@contextmanager
+def codes_for_backward() -> Iterator[None]:
+    """Within this block (a training forward), quantizer outputs that autograd saves are stored
+    as integer codes.
+
+    Example:
+        >>> with codes_for_backward():
+        ...     loss = criterion(qmodel(images), labels)
+        >>> loss.backward()
+    """
+    global _grids
+    previous = _grids
+    _grids = WeakTensorKeyDictionary()
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
+            yield
+    finally:
+        _grids = previous
