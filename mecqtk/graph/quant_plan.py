@@ -3,6 +3,9 @@
 Built from the annotations (node metadata of every graph, eager-layer decisions) and checked
 against the original model, so a Conv/Linear that the graph never calls (unused, or whose weight
 is read by functional code) is reported instead of silently staying float.
+
+This is the plan (what annotate decided and insert built), known before any data is seen; the
+:mod:`mecqtk.report` package measures the errors of a trained model's layers.
 """
 
 from __future__ import annotations
