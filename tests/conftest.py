@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Tests import what lives with the tools, not the library, by bare name: the model list (zoo) and
+# the documentation renderers. Appended, not prepended, so tools/coverage.py cannot shadow the
+# coverage package.
+sys.path.append(str(REPO_ROOT / "tools"))
 
 
 @pytest.fixture(scope="session")

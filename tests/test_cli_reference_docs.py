@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 import pytest
 from click.testing import CliRunner
 
-from mecqtk.cli import main
-
-# the renderer is a tool (tools/cli_reference.py), not part of the library
-sys.path.append(str(Path(__file__).resolve().parents[1] / "tools"))
+# the renderer is a tool (tools/cli_reference.py), not part of the library; tests/conftest.py
+# puts tools/ on the path
 from cli_reference import (
     HELP_WIDTH,
     REGENERATE_COMMAND,
     command_helps,
     render_cli_reference,
 )
+from mecqtk.cli import main
 
 CLI_MD = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
 HELPS = list(command_helps())

@@ -5,7 +5,7 @@ Usage (from the repository root):
     python tools/coverage.py --only --native-size convnext_nano beit_base_patch16_224
     python tools/coverage.py poolformer_s12  # the 25 plus extra names
 
-The 25 run at the small inputs of ``mecqtk.graph.zoo`` unless ``--native-size``; extra names and
+The 25 run at the small inputs of ``tools/zoo.py`` unless ``--native-size``; extra names and
 ``--native-size`` run exactly as ``mecqtk doctor --model NAME`` does (default input size).
 """
 
@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from mecqtk.doctor import DEFAULT_STEPS, DoctorResult, check_model, doctor  # noqa: E402
-from mecqtk.graph.zoo import COVERAGE_MODELS, small_model  # noqa: E402
+from zoo import COVERAGE_MODELS, small_model  # noqa: E402
 
 
 def run_one(name: str, recipe: str, native: bool, steps: int) -> DoctorResult:

@@ -1,6 +1,6 @@
 """Export coverage: timm models x bit widths -> integer ONNX, checked in onnxruntime on real images.
 
-For each model (default: the 25 of ``mecqtk.graph.zoo``) and each of W8A8, W4A4, W2A2 it does what
+For each model (default: the 25 of ``tools/zoo.py``) and each of W8A8, W4A4, W2A2 it does what
 a new user's calibrated model goes through: prepare with the LSQ recipe at that width, settle the
 BatchNorm statistics on real training images, calibrate the step sizes on them, snap the biases,
 then ``export_model`` (convert -> torch.onnx -> self-check on 16 real images). The file is run in
@@ -38,9 +38,9 @@ sys.path.insert(0, str(REPO))
 import mecqtk  # noqa: E402
 from mecqtk.export import compare, export_model, snap_biases  # noqa: E402
 from mecqtk.export.convert import convert  # noqa: E402
-from mecqtk.graph.zoo import COVERAGE_MODELS, FURTHER_MODELS, small_model  # noqa: E402
 from mecqtk.models.input_fit import fit_model_to_images  # noqa: E402
 from mecqtk.recipe.loader import recipe_from_dict  # noqa: E402
+from zoo import COVERAGE_MODELS, FURTHER_MODELS, small_model  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "cifar10-jpeg"
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(COVERAGE_MODELS),
                         help="comma-separated timm names, or 'further' for the held-out list "
-                             "(default: the 25 of mecqtk.graph.zoo)")
+                             "(default: the 25 of tools/zoo.py)")
     parser.add_argument("--bits", default="8,4,2", help="comma-separated widths: 8, 4, 2")
     parser.add_argument("--n", type=int, default=256, help="real test images per model")
     parser.add_argument("--json", type=Path, help="also append every row as a JSON line here")

@@ -30,7 +30,7 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mecqtk.graph.zoo import COVERAGE_MODELS, FURTHER_MODELS  # noqa: E402
+from zoo import COVERAGE_MODELS, FURTHER_MODELS  # noqa: E402
 
 
 def smallest_learned_step(checkpoint: Path) -> float | None:

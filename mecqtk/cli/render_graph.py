@@ -6,7 +6,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mecqtk.doctor import DoctorResult, Explanation
-from mecqtk.graph.report import QuantReport
+from mecqtk.graph.quant_plan import QuantReport
 
 
 def render_report(report: QuantReport, title: str, console: Console | None = None) -> None:

@@ -14,14 +14,25 @@ from mecqtk.graph.introspect import (
     weight_quantizers,
 )
 from mecqtk.graph.leaves import trace_leaf_interiors
-from mecqtk.graph.meta import META_KEY, GraphInfo, NodeQuant, annotated_nodes, get_quant, graph_info
+from mecqtk.graph.meta import (
+    META_KEY,
+    GraphInfo,
+    JunctionQuant,
+    LayerQuant,
+    NodeQuant,
+    annotated_nodes,
+    get_quant,
+    graph_info,
+)
 from mecqtk.graph.pipeline import prepare, run_passes
-from mecqtk.graph.report import LayerRow, QuantReport, quant_report
+from mecqtk.graph.quant_plan import LayerRow, QuantReport, quant_report
 from mecqtk.graph.tracer import QuantTracer, trace
 
 __all__ = [
     "META_KEY",
     "GraphInfo",
+    "JunctionQuant",
+    "LayerQuant",
     "LayerRow",
     "NodeQuant",
     "QuantReport",

@@ -1,7 +1,8 @@
 """The policy pass: decide, from the recipe, what every quantizable node gets. Mutates nothing but
 node metadata; :mod:`mecqtk.graph.insert` then carries the decisions out mechanically.
 
-The semantics of each decision are documented on :class:`~mecqtk.graph.meta.NodeQuant`.
+The semantics of each decision are documented on its record, :class:`~mecqtk.graph.meta.LayerQuant`
+(conv, linear, matmul) or :class:`~mecqtk.graph.meta.JunctionQuant` (add, cat, pool, select).
 """
 
 from __future__ import annotations
@@ -15,7 +16,17 @@ from torch import nn
 
 from mecqtk.graph.introspect import batchnorm_user, graph_modules
 from mecqtk.graph.leaves import eager_layers
-from mecqtk.graph.meta import NodeQuant, OpKind, annotated_nodes, get_quant, graph_info, set_quant
+from mecqtk.graph.meta import (
+    JunctionQuant,
+    LayerQuant,
+    NodeQuant,
+    OpKind,
+    annotated_nodes,
+    get_quant,
+    graph_info,
+    set_quant,
+    skipped_quant,
+)
 from mecqtk.graph.ops import (
     LAYER_KINDS,
     functional_weight,
@@ -113,7 +124,8 @@ def _feeds_softmax(node: fx.Node, modules: dict[str, nn.Module], depth: int = 4)
 
 
 class _Annotator:
-    """Walks one GraphModule in topological order and records a NodeQuant on each decision."""
+    """Walks one GraphModule in topological order and records a LayerQuant or JunctionQuant on
+    each decision."""
 
     def __init__(self, gm: fx.GraphModule, config: QuantConfig, prefix: str,
                  positions: dict[str, set[str]]) -> None:
@@ -141,7 +153,7 @@ class _Annotator:
             if decision is None:
                 continue
             set_quant(node, decision)
-            if decision.output is not None:
+            if isinstance(decision, JunctionQuant) and decision.output is not None:
                 self.quantized_outputs.add(node)
                 self.grids[node] = decision.output
             if kind == "pool" and decision.quantized and preserves_grid(node, self.modules):
@@ -151,7 +163,8 @@ class _Annotator:
                 if grid is not None:
                     self.grids[node] = grid
         for node, decision in annotated_nodes(self.gm):
-            if decision.output is not None and self._requantized_after_relu(node):
+            if (isinstance(decision, JunctionQuant) and decision.output is not None
+                    and self._requantized_after_relu(node)):
                 set_quant(node, replace(decision, output=None))
 
     def _select(self, node: fx.Node) -> None:
@@ -172,8 +185,8 @@ class _Annotator:
             grid = spec_from(config, source in self.nonneg)
             inputs = [None] * len(node_arguments(node))
             inputs[0] = grid
-            set_quant(node, NodeQuant(kind="select", module_name=op_name(node),
-                                      inputs=tuple(inputs)))
+            set_quant(node, JunctionQuant(kind="select", module_name=op_name(node),
+                                          inputs=tuple(inputs)))
         self.grids[node] = grid
         if source in self.nonneg:
             self.nonneg.add(node)
@@ -257,10 +270,9 @@ class _Annotator:
         full_name = ".".join(p for p in (self.prefix, name) if p)
         resolution = resolve(self.config, full_name, kind, set())
         if resolution.skipped is not None:
-            return NodeQuant(kind=kind, module_name=name, skipped=resolution.skipped)
+            return skipped_quant(kind, name, resolution.skipped)
         if kind == "add" and _feeds_softmax(node, self.modules):
-            return NodeQuant(kind=kind, module_name=name,
-                             skipped="attention logits (feeds a softmax): left in float")
+            return skipped_quant(kind, name, "attention logits (feeds a softmax): left in float")
         assert resolution.activation is not None
         inputs: list[QuantSpec | None] = [None] * len(arguments)
         for i in operands:
@@ -268,10 +280,12 @@ class _Annotator:
             if kind != "matmul" and source in self.quantized_outputs:
                 continue  # already on a grid: requantizing would only add error
             inputs[i] = self._input_spec(resolution.activation, source)
+        if kind == "matmul":  # both operands are activations, the product stays float
+            return LayerQuant(kind=kind, module_name=name, inputs=tuple(inputs))
         output = None
         if kind in ("add", "cat"):
             output = spec_from(resolution.activation, node in self.nonneg)
-        return NodeQuant(kind=kind, module_name=name, inputs=tuple(inputs), output=output)
+        return JunctionQuant(kind=kind, module_name=name, inputs=tuple(inputs), output=output)
 
     def _layer(self, node: fx.Node, kind: OpKind, arguments: list[fx.Node],
                data: int) -> NodeQuant:
@@ -279,13 +293,13 @@ class _Annotator:
         name = _qualified(self.prefix, module_name)
         resolution = resolve(self.config, name, kind, self.positions.get(name, set()))
         if resolution.skipped is not None:
-            return NodeQuant(kind=kind, module_name=module_name, skipped=resolution.skipped)
+            return skipped_quant(kind, module_name, resolution.skipped)
         assert resolution.weight is not None and resolution.activation is not None
         inputs: list[QuantSpec | None] = [None] * len(arguments)
         inputs[data] = self._input_spec(resolution.activation, arguments[data])
         functional = functional_weight(node, self.modules)
         folds = self.config.batchnorm.fold and node.op == "call_module"
-        return NodeQuant(
+        return LayerQuant(
             kind=kind,
             module_name=module_name,
             weight=spec_from(resolution.weight, False, weight=True),
@@ -315,7 +329,9 @@ def annotate(
     prefix: str = "",
     positions: dict[str, set[str]] | None = None,
 ) -> fx.GraphModule:
-    """Record a :class:`NodeQuant` on every node ``config`` quantizes or deliberately skips.
+    """Record a :class:`~mecqtk.graph.meta.LayerQuant` or
+    :class:`~mecqtk.graph.meta.JunctionQuant` on every node ``config`` quantizes or deliberately
+    skips.
 
     Args:
         gm: a traced model (or a traced submodule of one).
@@ -336,16 +352,16 @@ def annotate(
 
 
 def _eager_decision(config: QuantConfig, gm: fx.GraphModule, name: str, full_name: str,
-                    positions: dict[str, set[str]]) -> NodeQuant:
+                    positions: dict[str, set[str]]) -> LayerQuant:
     """A layer run by leaf code: no graph around it, so its input's sign is unknown (signed)."""
-    kind: OpKind = layer_kind(gm.get_submodule(name)) or "conv"
+    kind = layer_kind(gm.get_submodule(name)) or "conv"
     resolution = resolve(config, full_name, kind, positions.get(full_name, set()))
     if resolution.skipped is not None:
-        return NodeQuant(kind=kind, module_name=name, skipped=resolution.skipped)
+        return LayerQuant(kind=kind, module_name=name, skipped=resolution.skipped)
     assert resolution.weight is not None and resolution.activation is not None
-    return NodeQuant(kind=kind, module_name=name,
-                     weight=spec_from(resolution.weight, False, weight=True),
-                     inputs=(spec_from(resolution.activation, False),))
+    return LayerQuant(kind=kind, module_name=name,
+                      weight=spec_from(resolution.weight, False, weight=True),
+                      inputs=(spec_from(resolution.activation, False),))
 
 
 def layer_order(gm: fx.GraphModule, prefix: str = "") -> list[str]:

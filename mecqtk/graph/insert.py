@@ -1,7 +1,8 @@
 """The mechanical pass: build and insert the quantizers the annotate pass decided on.
 
-No policy lives here: every choice comes from a :class:`~mecqtk.graph.meta.NodeQuant`, on a node
-or (for layers run by leaf code) in the GraphModule's :class:`~mecqtk.graph.meta.GraphInfo`.
+No policy lives here: every choice comes from a :class:`~mecqtk.graph.meta.LayerQuant` or
+:class:`~mecqtk.graph.meta.JunctionQuant`, on a node or (for layers run by leaf code) in the
+GraphModule's :class:`~mecqtk.graph.meta.GraphInfo`.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from mecqtk.graph.introspect import graph_modules
-from mecqtk.graph.meta import annotated_nodes, graph_info
+from mecqtk.graph.meta import JunctionQuant, LayerQuant, annotated_nodes, graph_info
 from mecqtk.graph.ops import node_arguments, replace_node_argument
 from mecqtk.quant.bn_fold import FoldedBNLayer
 from mecqtk.quant.modules import QuantizedLayer
@@ -131,7 +132,8 @@ def insert_quantizers(gm: fx.GraphModule) -> fx.GraphModule:
     made: dict[tuple[str, QuantSpec], fx.Node] = {}
     annotated = annotated_nodes(gm)
     for node, quant in annotated:  # BN nodes go first: later operands may name them
-        if quant.quantized and quant.bn is not None and quant.weight is not None:
+        if (isinstance(quant, LayerQuant) and quant.quantized and quant.bn is not None
+                and quant.weight is not None):
             _fold_bn(gm, node, quant.module_name, quant.bn, quant.weight)
     plan = _storage_plan([
         (node_arguments(node)[index], spec)
@@ -141,18 +143,19 @@ def insert_quantizers(gm: fx.GraphModule) -> fx.GraphModule:
     for node, quant in annotated:
         if not quant.quantized:
             continue
-        if quant.weight is not None and quant.weight_input is not None:
-            _quantize_weight_argument(gm, node, quant.weight_input, quant.module_name,
-                                      quant.weight)
-        elif quant.weight is not None:
-            _swap_weight_quantized(gm, quant.module_name, quant.weight)
+        if isinstance(quant, LayerQuant) and quant.weight is not None:
+            if quant.weight_input is not None:
+                _quantize_weight_argument(gm, node, quant.weight_input, quant.module_name,
+                                          quant.weight)
+            else:
+                _swap_weight_quantized(gm, quant.module_name, quant.weight)
         arguments = node_arguments(node)
         for index, spec in enumerate(quant.inputs):
             if spec is None:
                 continue
             quantized = _planned_quantizer(gm, arguments[index], spec, plan, made)
             replace_node_argument(node, index, quantized)
-        if quant.output is not None:
+        if isinstance(quant, JunctionQuant) and quant.output is not None:
             users = list(node.users)
             quantized = _activation_quantizer(gm, node, quant.output, made)
             for user in users:

@@ -17,7 +17,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from mecqtk.graph.meta import NodeQuant, annotated_nodes, get_quant, graph_info
+from mecqtk.graph.meta import LayerQuant, NodeQuant, annotated_nodes, get_quant, graph_info
 from mecqtk.graph.ops import (
     LAYER_KINDS,
     node_arguments,
@@ -88,7 +88,7 @@ def annotations_in_order(root: fx.GraphModule) -> Iterator[Annotation]:
                     yield from in_leaf(gm, module, str(node.target), prefix, eager)
 
     def in_leaf(gm: fx.GraphModule, module: nn.Module, local: str, prefix: str,
-                eager: dict[str, NodeQuant]) -> Iterator[Annotation]:
+                eager: dict[str, LayerQuant]) -> Iterator[Annotation]:
         if local in eager:
             yield Annotation(qualified(prefix, local), eager[local], gm, prefix, None)
             return
@@ -181,7 +181,8 @@ def quantized_layers(gm: fx.GraphModule) -> list[QuantizedLayerSite]:
     seen: set[str] = set()
     for annotation in annotations_in_order(gm):
         quant = annotation.quant
-        if not quant.quantized or quant.weight is None or annotation.name in seen:
+        if (not isinstance(quant, LayerQuant) or not quant.quantized or quant.weight is None
+                or annotation.name in seen):
             continue
         layer = gm.get_submodule(annotation.name)
         if not isinstance(layer, QuantizedLayer):
@@ -199,7 +200,7 @@ def _functional_weight_quantizers(gm: fx.GraphModule, prefix: str) -> dict[str, 
     """The quantizers a graph puts on weights passed to ``F.linear``/``F.conv*d`` (``wq_*``)."""
     found: dict[str, FakeQuantizer] = {}
     for node, quant in annotated_nodes(gm):
-        if quant.weight_input is None or not quant.quantized:
+        if not isinstance(quant, LayerQuant) or quant.weight_input is None or not quant.quantized:
             continue
         weight = node_arguments(node)[quant.weight_input]
         module = gm.get_submodule(str(weight.target)) if weight.op == "call_module" else None

@@ -51,6 +51,27 @@ def run_passes(gm: fx.GraphModule, passes: list[Pass]) -> fx.GraphModule:
     return gm
 
 
+def trace_float(model: nn.Module, recipe: Recipe | QuantConfig) -> fx.GraphModule:
+    """A traced copy of the float ``model``, leaves handled as the recipe says (steps 1 and 2 of
+    the pipeline above): the graph :func:`prepare` quantizes, and the float teacher of MEC and
+    distillation (:class:`mecqtk.train.teacher.Teacher`). One function for both, so a model that
+    prepare traces the teacher traces too, with the same node names for feature taps.
+
+    ``model`` itself is left untouched.
+
+    Example:
+        >>> gm = trace_float(timm.create_model("mobilevit_xxs"), QuantConfig())
+    """
+    config = recipe.quant if isinstance(recipe, Recipe) else recipe
+    model = copy.deepcopy(model)
+    unfuse_timm_attention(model)
+    gm = trace(model, config.leaf_modules, auto_leaf=config.auto_leaf, specialize_defaults=True)
+    for attr in ("pretrained_cfg", "default_cfg", "num_classes", "num_features"):
+        if hasattr(model, attr):
+            setattr(gm, attr, getattr(model, attr))
+    return trace_leaf_interiors(gm, config.leaf_modules, auto_leaf=config.auto_leaf)
+
+
 def prepare(model: nn.Module, recipe: Recipe | QuantConfig) -> fx.GraphModule:
     """Trace ``model`` and insert fake-quantizers as ``recipe`` says.
 
@@ -64,16 +85,10 @@ def prepare(model: nn.Module, recipe: Recipe | QuantConfig) -> fx.GraphModule:
         >>> qmodel = prepare(timm.create_model("resnet18"), load_recipe("w4a4_lsq.yaml"))
     """
     config = recipe.quant if isinstance(recipe, Recipe) else recipe
-    model = copy.deepcopy(model)
-    unfuse_timm_attention(model)
-    gm = trace(model, config.leaf_modules, auto_leaf=config.auto_leaf, specialize_defaults=True)
-    for attr in ("pretrained_cfg", "default_cfg", "num_classes", "num_features"):
-        if hasattr(model, attr):
-            setattr(gm, attr, getattr(model, attr))
+    gm = trace_float(model, config)
     from mecqtk.export.deploy_eval import compute_deploy_form_in_eval  # the convert stage's
 
     prepared = run_passes(gm, [
-        lambda g: trace_leaf_interiors(g, config.leaf_modules, auto_leaf=config.auto_leaf),
         in_every_graph(decompose_sdpa),
         lambda g: annotate_model(g, config),
         insert_model,

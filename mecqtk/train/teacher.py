@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.fx as fx
 from torch import nn
 
-from mecqtk.graph.tracer import trace
+from mecqtk.graph.pipeline import trace_float
+from mecqtk.recipe.schema import QuantConfig
 
 
 class Teacher:
-    """A frozen copy of the float model, traced so features can be tapped by node name."""
+    """A frozen copy of the float model, traced so features can be tapped by node name.
 
-    def __init__(self, model: nn.Module, extra_leaf_classes: tuple[str, ...] = ()) -> None:
-        self.graph: fx.GraphModule = trace(copy.deepcopy(model), extra_leaf_classes)
+    ``config`` is the recipe's ``quant`` section: the teacher is traced with the leaf handling
+    the student was prepared with (:func:`~mecqtk.graph.pipeline.trace_float`), so every model
+    prepare handles has a teacher, and its nodes carry the student's names.
+    """
+
+    def __init__(self, model: nn.Module, config: QuantConfig | None = None) -> None:
+        self.graph: fx.GraphModule = trace_float(model, config or QuantConfig())
         self.graph.eval()
         for param in self.graph.parameters():
             param.requires_grad_(False)

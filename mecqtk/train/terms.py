@@ -268,7 +268,7 @@ def build_loss_terms(recipe: Recipe, float_model: nn.Module, qmodel: fx.GraphMod
     """
     needs_teacher = recipe.distill.enabled or (
         recipe.mec.enabled and recipe.mec.view == "teacher")
-    teacher = Teacher(float_model, recipe.quant.leaf_modules).to(device) if needs_teacher else None
+    teacher = Teacher(float_model, recipe.quant).to(device) if needs_teacher else None
     terms: list[LossTerm] = []
     if recipe.mec.enabled:
         terms.append(MECTerm(recipe.mec, student, qmodel, teacher, steps_per_epoch, probe,

@@ -10,9 +10,9 @@ from export_nets import INPUT_SHAPE, images, quantized
 import mecqtk
 from mecqtk.export import snap_biases
 from mecqtk.export.convert import DeployLayer, FrozenQuantizer, convert
-from mecqtk.graph.zoo import small_model
 from mecqtk.quant.arith import fake_quantize
 from mecqtk.quant.quantizers import FakeQuantizer
+from zoo import small_model
 
 
 def test_custom_op_is_fake_quantize_bit_for_bit():

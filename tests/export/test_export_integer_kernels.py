@@ -107,7 +107,7 @@ def test_a_vit_matches_the_model_bit_for_bit(tmp_path, one_torch_thread):
     arithmetic in eval mode, and each LayerNorm in float64 (export/float64_norms). Before, it
     computed float Linears: a code in ten thousand moved, and 1.6 % of top-1 decisions with it.
     Now every logit is the file's, bit for bit."""
-    from mecqtk.graph.zoo import small_model
+    from zoo import small_model
 
     torch.manual_seed(0)
     model, shape = small_model("vit_tiny_patch16_224")

@@ -18,7 +18,7 @@ from PIL import Image
 import mecqtk
 from mecqtk.errors import ExportError
 from mecqtk.export import compare, export_model, snap_biases
-from mecqtk.graph.zoo import COVERAGE_MODELS, small_model
+from zoo import COVERAGE_MODELS, small_model
 
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 STD = np.array([0.229, 0.224, 0.225], np.float32)

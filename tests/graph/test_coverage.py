@@ -16,8 +16,8 @@ import pytest
 from torch import nn
 
 from mecqtk.doctor import DEFAULT_STEPS, check_model
-from mecqtk.graph.zoo import COVERAGE_MODELS, small_model
 from mecqtk.quant.modules import is_quantizable_layer
+from zoo import COVERAGE_MODELS, small_model
 
 # conv + pool + residual add; a timm leaf with attention inside; attention with cat; SAME-padded
 QUICK = ("resnet18d", "mobilevit_xxs", "deit_tiny_patch16_224", "tf_efficientnet_b0")

@@ -11,7 +11,7 @@ from torch import nn
 from mecqtk.errors import GraphError
 from mecqtk.graph import prepare, trace
 from mecqtk.graph.meta import graph_info
-from mecqtk.graph.report import quant_report
+from mecqtk.graph.quant_plan import quant_report
 from mecqtk.quant.modules import QuantizedLayer
 from mecqtk.recipe import QuantConfig
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
 from pathlib import Path
 from typing import get_args, get_origin, get_type_hints
 
@@ -13,8 +12,8 @@ import yaml
 from mecqtk.recipe import Recipe, recipe_from_dict
 from mecqtk.recipe.validate import field_docs
 
-# the renderer is a tool (tools/recipe_reference.py), not part of the library
-sys.path.append(str(Path(__file__).resolve().parents[2] / "tools"))
+# the renderer is a tool (tools/recipe_reference.py), not part of the library; tests/conftest.py
+# puts tools/ on the path
 from recipe_reference import (
     EXAMPLE_NODES,
     REGENERATE_COMMAND,

@@ -11,7 +11,7 @@ import torch
 
 from mecqtk.graph import graph_modules, prepare
 from mecqtk.graph.meta import graph_info
-from mecqtk.graph.report import quant_report
+from mecqtk.graph.quant_plan import quant_report
 from mecqtk.quant.calibrate import calibrate
 from mecqtk.recipe import load_recipe
 from mecqtk.report.build import load_images

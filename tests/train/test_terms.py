@@ -1,19 +1,21 @@
 import dataclasses
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 
 from mecqtk import calibrate, prepare
-from mecqtk.errors import RecipeError
+from mecqtk.errors import GraphError, RecipeError
+from mecqtk.graph import graph_info, trace
 from mecqtk.mec import grouped_mec_loss, mec_loss
 from mecqtk.models import create_model
 from mecqtk.quant import FakeQuantizer
-from mecqtk.recipe import DistillConfig, MECConfig, load_recipe
+from mecqtk.recipe import DistillConfig, MECConfig, load_recipe, recipe_from_dict
 from mecqtk.recipe.schema import MECTap
 from mecqtk.train.taps import attach_tap, classifier_input
 from mecqtk.train.teacher import Teacher
-from mecqtk.train.terms import DistillTerm, MECTerm, second_view
+from mecqtk.train.terms import DistillTerm, MECTerm, build_loss_terms, second_view
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +143,49 @@ def test_terms_own_their_trainable_parts_and_random_streams(setup):
     # what a checkpoint keeps of each term (train.session): the MEC term's draws resume exactly
     assert isinstance(mec.generator, torch.Generator) and mec.generator.initial_seed() == 3
     assert sum(p.numel() for p in mec.trainable.parameters()) == 64 * 8 + 8
+
+
+class _Branchy(torch.nn.Module):
+    """A user's block around a timm block: Python control flow on a tensor value, which symbolic
+    tracing cannot follow, so prepare keeps it whole (auto_leaf)."""
+
+    def __init__(self, block: torch.nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        if x.abs().sum() >= 0:  # always true, but only known at run time
+            x = self.block(x)
+        return x
+
+
+def test_teacher_is_traced_like_prepare_on_a_model_that_needs_leaves(one_torch_thread):
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", num_classes=10)
+    model.layer2[0] = _Branchy(model.layer2[0])
+    model.eval()
+    with pytest.raises(GraphError, match="_Branchy"):
+        trace(model)  # how the teacher was traced before: MEC/KD stopped where prepare did not
+    recipe = recipe_from_dict({
+        "mec": {"enabled": True, "extra_taps": [{"tap": "stages", "weight": 0.25}]},
+        "distill": {"enabled": True},
+    })
+    qmodel = prepare(model, recipe)
+    assert graph_info(qmodel).auto_leaves == ("_Branchy",)
+    images = torch.randn(8, 3, 32, 32)
+    calibrate(qmodel, [images])
+    mec, kd = build_loss_terms(recipe, model, qmodel, qmodel, 10, images[:4], torch.device("cpu"))
+    assert graph_info(mec.teacher.graph).auto_leaves == ("_Branchy",)
+    qmodel.train()
+    out = {**mec(images, None, qmodel(images), step=5), **kd(images, None, qmodel(images), 5)}
+    assert mec.teacher_tap.value.shape == mec.student_tap.value.shape == (8, 512)
+    # layer1..layer3 (feature_info without stem and last stage), layer2 through the leaf: the
+    # teacher's stage features sit where the student's do
+    assert [t.value.shape for _, _, t in mec.extra] == [s.value.shape for _, s, _ in mec.extra]
+    assert [t.value.shape[1] for _, _, t in mec.extra] == [64, 128, 256]
+    with torch.no_grad():
+        assert torch.allclose(kd.teacher(images), model(images), atol=1e-5)
+    assert all(torch.isfinite(v).all() for v in out.values())
 
 
 def test_second_view_is_a_shifted_flipped_copy():

@@ -1,8 +1,10 @@
 """The timm models mecqtk's graph rewriting is tested on, with small inputs they accept.
 
-Used by the coverage suite (tests/graph/test_coverage.py) and ``tools/coverage.py``. A small
-input keeps a forward and backward pass on a CPU to seconds; models whose size is fixed at
-construction get it as ``img_size``.
+Used by the coverage and export tests (tests/graph/test_coverage.py, tests/export/) and by the
+coverage and benchmark tools here; not part of the library, which names no model. Tools import it
+as ``zoo`` (a script's own folder is on its path), tests too (tests/conftest.py puts tools/ on
+the path). A small input keeps a forward and backward pass on a CPU to seconds; models whose size
+is fixed at construction get it as ``img_size``.
 """
 
 from __future__ import annotations

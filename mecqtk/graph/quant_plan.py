@@ -3,6 +3,9 @@
 Built from the annotations (node metadata of every graph, eager-layer decisions) and checked
 against the original model, so a Conv/Linear that the graph never calls (unused, or whose weight
 is read by functional code) is reported instead of silently staying float.
+
+This is the plan (what annotate decided and insert built), known before any data is seen; the
+:mod:`mecqtk.report` package measures the errors of a trained model's layers.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import torch.fx as fx
 from torch import nn
 
 from mecqtk.graph.introspect import annotations_in_order
-from mecqtk.graph.meta import NodeQuant, graph_info
+from mecqtk.graph.meta import JunctionQuant, LayerQuant, NodeQuant, graph_info
 from mecqtk.graph.ops import LAYER_KINDS
 from mecqtk.quant.modules import QuantizedLayer, is_quantizable_layer, layer_kind
 
@@ -80,13 +83,15 @@ def describe_layer(layer: nn.Module) -> str:
 
 
 def _row(name: str, quant: NodeQuant, op: str, eager: bool = False) -> LayerRow:
+    weight = quant.weight if isinstance(quant, LayerQuant) else None
+    output = quant.output if isinstance(quant, JunctionQuant) else None
     return LayerRow(
         name=name,
         kind=quant.kind,
         op=op,
-        weight=quant.weight.describe() if quant.weight else None,
+        weight=weight.describe() if weight else None,
         inputs=tuple(s.describe() for s in quant.inputs if s is not None),
-        output=quant.output.describe() if quant.output else None,
+        output=output.describe() if output else None,
         float_reason=quant.skipped,
         eager=eager,
     )
@@ -102,9 +107,9 @@ def _annotated_rows(qmodel: fx.GraphModule, originals: dict[str, nn.Module]) -> 
             continue
         op = (describe_layer(originals.get(name) or qmodel.get_submodule(name))
               if quant.kind in LAYER_KINDS else quant.kind)
-        if quant.weight_input is not None:
+        if isinstance(quant, LayerQuant) and quant.weight_input is not None:
             op += " (functional)"
-        if quant.bn is not None:
+        if isinstance(quant, LayerQuant) and quant.bn is not None:
             op += " + folded BN"
         rows.append(_row(name, quant, op))
     return rows
