@@ -266,13 +266,14 @@ class IntegerRequantization(nn.Module):
         linear = isinstance(deploy.layer, nn.Linear)
         # the output channel: dim 1 of a conv's output, the last dim of a Linear's
         channels = [-1 if d == (acc.dim() - 1 if linear else 1) else 1 for d in range(acc.dim())]
+        accumulator_scale = (self.input_scale * deploy.weight_scale).reshape(channels)
         if linear and acc.dim() > 2:  # MatMulIntegerToFloat, then the float bias Add
-            out = acc.float() * (self.input_scale * deploy.weight_scale).reshape(channels)
+            out = acc.float() * accumulator_scale
             return out if deploy.bias is None else out + deploy.bias
         if bias is not None:
             acc = acc + bias.to(dtype).reshape(channels)
         if self.output is None:
-            return acc.float() * (self.input_scale * deploy.weight_scale).reshape(channels)
+            return acc.float() * accumulator_scale
         multiplier = (self.input_scale * deploy.weight_scale) / self.output_scale
         return self.output.dequantized(acc.float() * multiplier.reshape(channels))
 

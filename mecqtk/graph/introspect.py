@@ -19,6 +19,7 @@ from torch import nn
 
 from mecqtk.graph.meta import LayerQuant, NodeQuant, annotated_nodes, get_quant, graph_info
 from mecqtk.graph.ops import (
+    ALIAS_MODULES,
     LAYER_KINDS,
     node_arguments,
     node_kind,
@@ -29,10 +30,6 @@ from mecqtk.graph.ops import (
 from mecqtk.quant.bn_fold import BatchNorm
 from mecqtk.quant.modules import LayerKind, QuantizedLayer, layer_weight_quantizers
 from mecqtk.quant.quantizers import FakeQuantizer
-
-# Modules that hand their input on unchanged once the model is in eval mode: a quantized value
-# stays on its grid through them.
-ALIAS_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d)
 
 
 def graph_modules(root: fx.GraphModule) -> Iterator[tuple[str, fx.GraphModule]]:

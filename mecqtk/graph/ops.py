@@ -33,6 +33,9 @@ POOL_FUNCTIONS = {
     F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
     torch.max_pool1d, torch.max_pool2d, torch.max_pool3d, torch.avg_pool1d,
 }
+# Modules that hand their input on unchanged once the model is in eval mode: a quantized value
+# stays on its grid through them.
+ALIAS_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d)
 # Max pools the exporter lowers to MaxPool: their output lies on their input's integer grid.
 GRID_PRESERVING_POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 GRID_PRESERVING_POOL_FUNCTIONS = {F.max_pool2d}
@@ -151,8 +154,7 @@ def rearranges_values(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """Whether ``node`` passes its first argument's values on in another layout (a reshape,
     flatten, transpose, ...) or unchanged (an alias module in eval: Identity, Dropout)."""
     if node.op == "call_module":
-        return isinstance(modules[str(node.target)],
-                          (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d))
+        return isinstance(modules[str(node.target)], ALIAS_MODULES)
     if node.op == "call_method":
         return node.target in REARRANGING_METHODS
     return node.op == "call_function" and node.target in REARRANGING_FUNCTIONS
