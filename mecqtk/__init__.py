@@ -5,7 +5,7 @@ Example:
     >>> qmodel = mecqtk.prepare(timm.create_model("resnet18"), mecqtk.load_recipe("w2a2_lsq"))
 """
 
-from mecqtk.graph import prepare
+from mecqtk.qat import prepare
 from mecqtk.quant.calibrate import calibrate
 from mecqtk.recipe import Recipe, load_recipe
 

@@ -20,9 +20,9 @@ from torch import nn
 
 from mecqtk.errors import GraphError
 from mecqtk.graph.introspect import quantized_layers
-from mecqtk.graph.pipeline import prepare
 from mecqtk.graph.quant_plan import QuantReport, quant_report
 from mecqtk.models import create_model
+from mecqtk.qat import prepare
 from mecqtk.quant.calibrate import calibrate
 from mecqtk.quant.quantizers import FakeQuantizer, first_invalid_step, keep_steps_valid
 from mecqtk.recipe import Recipe, load_recipe

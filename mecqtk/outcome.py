@@ -15,9 +15,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
-import mecqtk.export
 import mecqtk.report
+import mecqtk.run_export
 from mecqtk.errors import IncompleteRunError, MecqtkError, one_line
+from mecqtk.export.verify import DEFAULT_THRESHOLD_PCT
 from mecqtk.io import atomic_write_text
 from mecqtk.rundir import STAGE_ERROR_LOG, RunDir
 
@@ -25,11 +26,6 @@ if TYPE_CHECKING:
     import torch
 
 Status = Literal["verified", "written", "failed", "skipped", "pending"]
-
-# A quantize run whose ONNX file agrees with the trained model on fewer top-1 decisions than
-# this has not produced a deployable file (the same default `mecqtk verify` applies).
-EXPORT_AGREEMENT_THRESHOLD_PCT = 99.0
-
 
 @dataclass
 class StageOutcome:
@@ -87,14 +83,14 @@ class RunSummary:
 
 def export_stage(run_dir: Path, data: str, n: int | None, show_progress: bool,
                  say: Callable[[str], None],
-                 threshold_pct: float = EXPORT_AGREEMENT_THRESHOLD_PCT) -> StageOutcome:
+                 threshold_pct: float = DEFAULT_THRESHOLD_PCT) -> StageOutcome:
     """Export the run to integer ONNX and verify it on ``n`` images of ``data``; never raises
     (besides KeyboardInterrupt): any error, and an agreement below ``threshold_pct``, is a
     ``failed`` outcome."""
     retry = f"mecqtk export {run_dir} && mecqtk verify {run_dir} --data {data}"
     say("exporting integer ONNX and verifying it with onnxruntime")
     try:
-        exported, report = mecqtk.export.export_and_verify(
+        exported, report = mecqtk.run_export.export_and_verify(
             run_dir, data, n=n, threshold_pct=threshold_pct, show_progress=show_progress)
     except Exception as err:  # any exporter bug must still leave a summary
         log_traceback(run_dir, "export", err)

@@ -3,7 +3,7 @@ verified integer ONNX and a per-layer report, all in one run folder.
 
 This module only orders the stages; each lives in its own module: the run folder
 (:mod:`mecqtk.rundir`), the float model and data (:mod:`mecqtk.run_inputs`), preparation
-(:func:`mecqtk.graph.prepare`) and calibration, training (:mod:`mecqtk.train.session`), and the
+(:func:`mecqtk.prepare`) and calibration, training (:mod:`mecqtk.train.session`), and the
 end stages, export + verify and report (:mod:`mecqtk.outcome`). Runs in one process or, under
 torchrun, as DistributedDataParallel (only rank 0 writes files and shows progress).
 """
@@ -22,9 +22,9 @@ from torch import nn
 import mecqtk
 from mecqtk.device import resolve_device
 from mecqtk.errors import MecqtkError
-from mecqtk.graph import prepare
 from mecqtk.outcome import RunSummary, end_stages, fail_training
 from mecqtk.progress import say
+from mecqtk.qat import prepare
 from mecqtk.quant.arith import use_compiled_kernels
 from mecqtk.quant.calibrate import calibrate
 from mecqtk.recipe import Recipe, load_recipe

@@ -14,9 +14,9 @@ import yaml
 
 import mecqtk
 from mecqtk.errors import MecqtkError, ModelError
-from mecqtk.graph.pipeline import prepare
 from mecqtk.io import atomic_write_json, atomic_write_text
 from mecqtk.models import create_model
+from mecqtk.qat import prepare
 from mecqtk.recipe import Recipe, dump_recipe, recipe_from_dict
 
 RECIPE = "recipe.yaml"

@@ -96,7 +96,8 @@ def _statements(code: str) -> list[str]:
 def test_design_page_shows_the_resnet18_block_prepare_builds():
     import timm
 
-    from mecqtk.graph import prepare, trace
+    from mecqtk.graph import trace
+    from mecqtk.qat import prepare
     from mecqtk.recipe import load_recipe
 
     traced_block, prepared_block = code_blocks("docs/design.md", "python")[:2]

@@ -9,10 +9,11 @@ from click.testing import CliRunner
 
 import mecqtk.export
 import mecqtk.report
+import mecqtk.run_export
 import mecqtk.train.session
 from mecqtk.cli import main
 from mecqtk.errors import ExportError
-from mecqtk.export import export_run, verify_run
+from mecqtk.run_export import export_run, verify_run
 from mecqtk.train.loop import NonFiniteLossError
 
 
@@ -52,7 +53,7 @@ def test_export_crash_keeps_the_run_and_names_the_node(quantize_r20, monkeypatch
         err.node = "layer1_0_conv1"
         raise err
 
-    monkeypatch.setattr(mecqtk.export, "export_and_verify", broken_export)
+    monkeypatch.setattr(mecqtk.run_export, "export_and_verify", broken_export)
     result, summary, out = quantize_r20("--no-report")
     assert result.exit_code == 1
     line = _error_line(result)
@@ -74,7 +75,7 @@ def test_unexpected_exporter_bug_is_a_failed_export_not_a_traceback(quantize_r20
     def buggy_export(*args, **kwargs):
         raise TypeError("split is not a tensor")
 
-    monkeypatch.setattr(mecqtk.export, "export_and_verify", buggy_export)
+    monkeypatch.setattr(mecqtk.run_export, "export_and_verify", buggy_export)
     result, summary, _ = quantize_r20("--no-report")
     assert result.exit_code == 1
     assert "export failed: TypeError: split is not a tensor" in _error_line(result)
@@ -105,7 +106,7 @@ def test_low_agreement_export_fails_the_command(quantize_r20, monkeypatch, one_t
             checkpoint.write_bytes(original)
         return exported, report
 
-    monkeypatch.setattr(mecqtk.export, "export_and_verify", mismatched_export)
+    monkeypatch.setattr(mecqtk.run_export, "export_and_verify", mismatched_export)
     result, summary, out = quantize_r20("--no-report")
     assert result.exit_code == 1
     export = summary["export"]
@@ -183,7 +184,7 @@ def test_force_clears_what_a_failed_run_left(quantize_r20, monkeypatch, one_torc
         raise ExportError("fc: no lowering")
 
     with monkeypatch.context() as patched:
-        patched.setattr(mecqtk.export, "export_and_verify", broken_export)
+        patched.setattr(mecqtk.run_export, "export_and_verify", broken_export)
         result, _, out = quantize_r20("--no-report")
     assert result.exit_code == 1 and (out / "export-error.log").is_file()
     result, summary, out = quantize_r20("--force", "--no-report", "--no-export")

@@ -92,6 +92,8 @@ VARIANTS = {
                 "w2a2_mec.yaml", {"distill": {"enabled": False},
                                   "mec": {"extra_taps": [{"tap": "stages", "weight": 0.25}]}}),
         # The MEC ablation (--variants with --section mec_ablation): one change each.
+        Variant("w2a2_mec_nomec", "w2a2_mec.yaml without MEC (LSQ + BN re-estimation + KD)",
+                "w2a2_mec.yaml", {"mec": {"enabled": False}}),
         Variant("w2a2_mec_g0.1", "MEC, gamma 0.1", "w2a2_mec.yaml", {"mec": {"weight": 0.1}}),
         Variant("w2a2_mec_g2", "MEC, gamma 2", "w2a2_mec.yaml", {"mec": {"weight": 2.0}}),
         Variant("w2a2_mec_eps16", "MEC, eps2 16 (d/4)", "w2a2_mec.yaml", {"mec": {"eps2": 16.0}}),

@@ -36,8 +36,8 @@ sys.path.insert(0, str(REPO))
 
 from mecqtk.data import build_data  # noqa: E402
 from mecqtk.export import export_model  # noqa: E402
-from mecqtk.graph import prepare  # noqa: E402
 from mecqtk.models import create_model  # noqa: E402
+from mecqtk.qat import prepare  # noqa: E402
 from mecqtk.quant.calibrate import calibrate  # noqa: E402
 from mecqtk.recipe import Recipe, load_recipe, recipe_from_dict  # noqa: E402
 

@@ -78,8 +78,8 @@ from bench_ort import W8A8, shared_dir, trained_looking  # noqa: E402
 
 from mecqtk.data import build_data  # noqa: E402
 from mecqtk.export import export_model, snap_biases  # noqa: E402
-from mecqtk.graph import prepare as mecqtk_prepare  # noqa: E402
 from mecqtk.models import load_checkpoint_weights  # noqa: E402
+from mecqtk.qat import prepare as mecqtk_prepare  # noqa: E402
 from mecqtk.quant.arith import use_compiled_kernels  # noqa: E402
 from mecqtk.quant.calibrate import calibrate as mecqtk_calibrate  # noqa: E402
 from mecqtk.recipe import load_recipe, recipe_from_dict  # noqa: E402

@@ -1,4 +1,8 @@
-"""The `mecqtk` command line: each command parses, calls one library function, and renders."""
+"""The `mecqtk` command line: each command parses, calls one library function, and renders.
+
+The command modules import the stages they run inside the command functions, so a command loads
+only its own stage (`mecqtk verify` never imports the trainer). No import here dodges a cycle.
+"""
 
 from __future__ import annotations
 

@@ -48,7 +48,7 @@ def export_command(run_dir: Path, export_format: str, opset: int | None, out: Pa
     Example:
       mecqtk export runs/r20_w2a2 --format packed --data imagefolder:data/cifar10-jpeg
     """
-    from mecqtk.export.runfolder import export_run
+    from mecqtk.run_export import export_run
 
     result = export_run(run_dir, export_format, opset, out, data)  # type: ignore[arg-type]
     if as_json:

@@ -84,7 +84,7 @@ def verify_command(target: Path, data: str, n: int | None, threshold: float, run
     Example:
       mecqtk verify runs/r20_w2a2 --data imagefolder:../shared/data/cifar10-jpeg --n 2000
     """
-    from mecqtk.export.runfolder import verify_run
+    from mecqtk.run_export import verify_run
 
     report = verify_run(target, data, n, threshold_pct=threshold, run_dir=run_dir,
                         export_format=export_format, batch_size=batch_size,  # type: ignore[arg-type]

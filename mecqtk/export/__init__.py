@@ -11,7 +11,6 @@ from mecqtk.export.api import (
     self_check,
 )
 from mecqtk.export.manifest import Manifest, TensorEntry, read_manifest
-from mecqtk.export.runfolder import export_and_verify, export_run, verify_run
 from mecqtk.export.snap import bias_grids, snap_biases
 from mecqtk.export.verify import LayerAgreement, VerifyReport, compare
 
@@ -27,12 +26,9 @@ __all__ = [
     "check_model",
     "compare",
     "default_opset",
-    "export_and_verify",
     "export_model",
-    "export_run",
     "read_manifest",
     "save_export",
     "self_check",
     "snap_biases",
-    "verify_run",
 ]

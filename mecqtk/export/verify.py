@@ -24,6 +24,8 @@ from mecqtk.export.manifest import Manifest, TensorEntry
 from mecqtk.export.session import make_session, with_code_outputs
 from mecqtk.export.snap import bias_grids
 
+# A file that agrees with the trained model on fewer top-1 decisions than this (in percent) is
+# not deployable: the default of `mecqtk verify` and of the export stage of `mecqtk quantize`.
 DEFAULT_THRESHOLD_PCT = 99.0
 # A bias further than this (in accumulator units) from its int32 grid was not snapped.
 OFF_GRID_UNITS = 0.05

@@ -24,7 +24,7 @@ from mecqtk.graph.meta import (
     get_quant,
     graph_info,
 )
-from mecqtk.graph.pipeline import prepare, run_passes
+from mecqtk.graph.pipeline import fake_quantize_graph, run_passes
 from mecqtk.graph.quant_plan import LayerRow, QuantReport, quant_report
 from mecqtk.graph.tracer import QuantTracer, trace
 
@@ -42,12 +42,12 @@ __all__ = [
     "annotate_model",
     "annotated_nodes",
     "decompose_sdpa",
+    "fake_quantize_graph",
     "get_quant",
     "graph_info",
     "graph_modules",
     "insert_model",
     "insert_quantizers",
-    "prepare",
     "quant_report",
     "quantized_layers",
     "run_passes",

@@ -165,7 +165,7 @@ def layer_input_quantizer(annotation: Annotation,
 
 
 def quantized_layers(gm: fx.GraphModule) -> list[QuantizedLayerSite]:
-    """The quantized layers of ``gm`` (from :func:`mecqtk.graph.prepare`) in execution order:
+    """The quantized layers of ``gm`` (from :func:`mecqtk.prepare`) in execution order:
     those of the top graph, of the graphs traced inside leaf modules, and the eager layers that
     leaf code calls directly. A layer called more than once is listed once; functional layers
     (``F.linear`` of a layer's weight) are not modules and are not listed.

@@ -1,6 +1,9 @@
-"""prepare(): the pass pipeline that turns a float model into a fake-quantized GraphModule.
+"""The pass pipeline that turns a float model into a fake-quantized GraphModule.
 
-The pipeline, in order (each pass GraphModule -> GraphModule; see docs/design.md):
+:func:`fake_quantize_graph` runs it; :func:`mecqtk.qat.prepare` (the public entry point) adds the
+convert stage's eval-mode arithmetic on top, one layer up, since that arithmetic belongs to the
+export package, which builds on this one. The pipeline, in order (each pass GraphModule ->
+GraphModule; see docs/design.md):
 
 1. ``unfuse_timm_attention`` on a copy of the model, then :func:`~mecqtk.graph.tracer.trace`
    (timm-aware leaves; with ``quant.auto_leaf`` a submodule that fails to trace is kept whole);
@@ -24,7 +27,6 @@ from mecqtk.graph.insert import insert_model
 from mecqtk.graph.introspect import graph_modules
 from mecqtk.graph.leaves import trace_leaf_interiors
 from mecqtk.graph.tracer import trace
-from mecqtk.quant.bn_spread import floor_batchnorm_spread
 from mecqtk.recipe.schema import QuantConfig, Recipe
 
 Pass = Callable[[fx.GraphModule], fx.GraphModule]
@@ -72,27 +74,18 @@ def trace_float(model: nn.Module, recipe: Recipe | QuantConfig) -> fx.GraphModul
     return trace_leaf_interiors(gm, config.leaf_modules, auto_leaf=config.auto_leaf)
 
 
-def prepare(model: nn.Module, recipe: Recipe | QuantConfig) -> fx.GraphModule:
-    """Trace ``model`` and insert fake-quantizers as ``recipe`` says.
+def fake_quantize_graph(model: nn.Module, recipe: Recipe | QuantConfig) -> fx.GraphModule:
+    """Trace ``model`` and insert fake-quantizers as ``recipe`` says (the whole pipeline above).
 
-    ``model`` itself is left untouched (it can serve as the float teacher). The returned
-    GraphModule trains like the original; call :func:`mecqtk.calibrate` on a few
-    batches before training so the step sizes start from the data.
+    ``model`` itself is left untouched. Users call :func:`mecqtk.prepare`, which also gives the
+    result the integer arithmetic of the deployed model in eval mode; this is the graph part only.
 
     Example:
-        >>> import timm
-        >>> from mecqtk import prepare, load_recipe
-        >>> qmodel = prepare(timm.create_model("resnet18"), load_recipe("w4a4_lsq.yaml"))
+        >>> gm = fake_quantize_graph(timm.create_model("resnet18"), load_recipe("w4a4_lsq.yaml"))
     """
     config = recipe.quant if isinstance(recipe, Recipe) else recipe
-    gm = trace_float(model, config)
-    from mecqtk.export.deploy_eval import compute_deploy_form_in_eval  # the convert stage's
-
-    prepared = run_passes(gm, [
+    return run_passes(trace_float(model, config), [
         in_every_graph(decompose_sdpa),
         lambda g: annotate_model(g, config),
         insert_model,
     ])
-    compute_deploy_form_in_eval(prepared)
-    floor_batchnorm_spread(prepared)
-    return prepared

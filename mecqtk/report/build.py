@@ -14,10 +14,10 @@ from torch import nn
 
 from mecqtk.data import build_data
 from mecqtk.errors import MecqtkError
-from mecqtk.graph import prepare
 from mecqtk.io import atomic_write_text
 from mecqtk.models import create_model
 from mecqtk.progress import progress_bar, say
+from mecqtk.qat import prepare
 from mecqtk.quant.calibrate import calibrate
 from mecqtk.recipe import Recipe, dump_recipe
 from mecqtk.report.collect import Batch, collect

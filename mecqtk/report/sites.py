@@ -40,7 +40,7 @@ class Site:
 
 
 def find_sites(gm: fx.GraphModule) -> list[Site]:
-    """The quantized layers of ``gm`` (from :func:`mecqtk.graph.prepare`) in execution order, as
+    """The quantized layers of ``gm`` (from :func:`mecqtk.prepare`) in execution order, as
     :func:`~mecqtk.graph.introspect.quantized_layers` lists them: those of the top graph, of the
     graphs traced inside leaf modules, and the eager layers that leaf code calls directly.
 

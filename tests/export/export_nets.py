@@ -9,8 +9,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from mecqtk.graph import prepare
 from mecqtk.io import atomic_torch_save
+from mecqtk.qat import prepare
 from mecqtk.quant.calibrate import calibrate
 from mecqtk.recipe import recipe_from_dict
 from mecqtk.rundir import RunDir, RunInfo

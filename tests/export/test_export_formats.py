@@ -175,7 +175,7 @@ def test_opset_below_what_the_format_needs_is_refused(residual_net):
 def test_training_mode_and_uncalibrated_models_are_refused(residual_net):
     from export_nets import recipe
 
-    from mecqtk.graph import prepare
+    from mecqtk.qat import prepare
 
     gm = quantized(residual_net, 4, 4)
     with pytest.raises(ExportError, match="training mode"):

@@ -17,7 +17,7 @@ import torch
 from export_nets import randomize_batchnorms, recipe
 
 from mecqtk.export import export_model, snap_biases
-from mecqtk.graph import prepare
+from mecqtk.qat import prepare
 from mecqtk.quant.calibrate import calibrate
 
 timm = pytest.importorskip("timm")

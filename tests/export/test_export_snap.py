@@ -60,7 +60,7 @@ def test_unsnapped_model_is_reported(residual_net):
 def test_batchnorm_folded_during_training_exports_and_snaps(residual_net):
     pytest.importorskip("mecqtk.quant.bn_fold",
                         reason="this tree has no simulated conv-BN folding (quant.batchnorm.fold)")
-    from mecqtk.graph import prepare
+    from mecqtk.qat import prepare
     from mecqtk.quant.calibrate import calibrate
     from mecqtk.recipe import recipe_from_dict
 

@@ -9,7 +9,7 @@ from export_nets import recipe
 from torch import nn
 
 from mecqtk.export.float64_norms import NormInFloat64
-from mecqtk.graph import prepare
+from mecqtk.qat import prepare
 from mecqtk.quant.calibrate import calibrate
 
 

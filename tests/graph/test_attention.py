@@ -8,9 +8,10 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from mecqtk.graph import annotate, annotated_nodes, prepare, trace
+from mecqtk.graph import annotate, annotated_nodes, trace
 from mecqtk.graph.attention import decompose_sdpa, unfuse_timm_attention
 from mecqtk.graph.ops import node_arguments
+from mecqtk.qat import prepare
 from mecqtk.recipe import QuantConfig, recipe_from_dict
 
 

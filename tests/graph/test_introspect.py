@@ -7,7 +7,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from mecqtk.graph import prepare, trace
+from mecqtk.graph import trace
 from mecqtk.graph.introspect import (
     activation_quantizers,
     batchnorm_user,
@@ -16,6 +16,7 @@ from mecqtk.graph.introspect import (
     quantized_layers,
     weight_quantizers,
 )
+from mecqtk.qat import prepare
 from mecqtk.quant.quantizers import FakeQuantizer, make_quantizer
 from mecqtk.quant.spec import QuantSpec
 from mecqtk.recipe import load_recipe, recipe_from_dict

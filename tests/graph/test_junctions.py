@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mecqtk.errors import RecipeError
-from mecqtk.graph import annotate, annotated_nodes, prepare, trace
+from mecqtk.graph import annotate, annotated_nodes, trace
+from mecqtk.qat import prepare
 from mecqtk.quant.quantizers import FakeQuantizer
 from mecqtk.recipe import QuantConfig, recipe_from_dict
 

@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from mecqtk.errors import GraphError
-from mecqtk.graph import prepare, trace
+from mecqtk.graph import trace
 from mecqtk.graph.meta import graph_info
 from mecqtk.graph.quant_plan import quant_report
+from mecqtk.qat import prepare
 from mecqtk.quant.modules import QuantizedLayer
 from mecqtk.recipe import QuantConfig
 

@@ -9,7 +9,8 @@ import timm
 import torch
 from torch import nn
 
-from mecqtk.graph import annotated_nodes, prepare, quant_report
+from mecqtk.graph import annotated_nodes, quant_report
+from mecqtk.qat import prepare
 from mecqtk.quant.bn_fold import FoldedBNLayer, bn_epoch_start, freeze_bn_stats
 from mecqtk.quant.calibrate import calibrate
 from mecqtk.quant.quantizers import Mode, make_quantizer

@@ -60,7 +60,7 @@ def test_larger_maps_and_eval_mode_are_untouched():
 
 
 def test_prepare_gives_every_batchnorm_the_floor():
-    from mecqtk.graph import prepare
+    from mecqtk.qat import prepare
     from mecqtk.quant.bn_spread import SpreadFloor
     from mecqtk.recipe import QuantConfig
 

@@ -9,9 +9,10 @@ import pytest
 import timm
 import torch
 
-from mecqtk.graph import graph_modules, prepare
+from mecqtk.graph import graph_modules
 from mecqtk.graph.meta import graph_info
 from mecqtk.graph.quant_plan import quant_report
+from mecqtk.qat import prepare
 from mecqtk.quant.calibrate import calibrate
 from mecqtk.recipe import load_recipe
 from mecqtk.report.build import load_images

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from mecqtk.graph import prepare
 from mecqtk.models import create_model
+from mecqtk.qat import prepare
 from mecqtk.quant import QuantSpec, make_quantizer
 from mecqtk.recipe import load_recipe
 from mecqtk.report.collect import weight_stats

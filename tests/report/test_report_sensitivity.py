@@ -1,8 +1,8 @@
 import pytest
 import yaml
 
-from mecqtk.graph import prepare
 from mecqtk.models import create_model
+from mecqtk.qat import prepare
 from mecqtk.recipe import dump_recipe, load_recipe
 from mecqtk.report.sensitivity import name_pattern, rank_by_sensitivity, suggest_recipe
 from mecqtk.report.sites import find_sites
