@@ -126,9 +126,11 @@ def variant_recipe(variant: Variant, epochs: int, seed: int) -> dict[str, Any]:
     recipe = yaml.safe_load((REPO / "recipes" / variant.recipe).read_text())
     recipe = merged(recipe, variant.changes)
     recipe["name"] = variant.key
-    # the one budget, plus the variant's own training tools (BatchNorm re-estimation, ...)
-    recipe["train"] = {**TRAIN, **variant.changes.get("train", {}), "epochs": epochs,
-                       "seed": seed}
+    # the one budget (epochs, batch, optimizer, schedule, seed) over the recipe's own train
+    # section, so the training tools a recipe ships (w2a2_mec.yaml's BatchNorm re-estimation)
+    # stay on in its row, and a variant's changes on top
+    recipe["train"] = {**recipe.get("train", {}), **TRAIN, **variant.changes.get("train", {}),
+                       "epochs": epochs, "seed": seed}
     return recipe
 
 
