@@ -274,8 +274,7 @@ class IntegerRequantization(nn.Module):
             acc = acc + bias.to(dtype).reshape(channels)
         if self.output is None:
             return acc.float() * accumulator_scale
-        multiplier = (self.input_scale * deploy.weight_scale) / self.output_scale
-        return self.output.dequantized(acc.float() * multiplier.reshape(channels))
+        return self.output.dequantized(acc.float() * (accumulator_scale / self.output_scale))
 
 
 class IntegerSpatialMean(nn.Module):
