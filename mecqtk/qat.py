@@ -13,6 +13,7 @@ import torch.fx as fx
 from torch import nn
 
 from mecqtk.export.deploy_eval import compute_deploy_form_in_eval
+from mecqtk.graph.introspect import weight_quantizers
 from mecqtk.graph.pipeline import fake_quantize_graph
 from mecqtk.quant.bn_spread import floor_batchnorm_spread
 from mecqtk.recipe.schema import QuantConfig, Recipe
@@ -32,6 +33,10 @@ def prepare(model: nn.Module, recipe: Recipe | QuantConfig) -> fx.GraphModule:
         >>> qmodel = prepare(timm.create_model("resnet18"), load_recipe("w4a4_lsq.yaml"))
     """
     prepared = fake_quantize_graph(model, recipe)
+    # a layer's weight is kept for its backward as the float32 tensor: as codes it would save
+    # little memory (one weight, not a batch of activations) and cost a decoding pass per step
+    for quantizer in weight_quantizers(prepared).values():
+        quantizer.keeps_codes = False
     compute_deploy_form_in_eval(prepared)
     floor_batchnorm_spread(prepared)
     return prepared

@@ -9,16 +9,23 @@ A configuration is ``[model/]variant[+flag...]``:
   ``cudagraphs`` (compile with mode reduce-overhead), ``bf16`` (autocast), ``cl``
   (channels_last), ``eager`` (mecqtk's fake-quant without its separately compiled kernels).
 
-Without ``model/``, a configuration runs for every ``--models``. Ratios are to the same model's
+Without ``model/``, a configuration runs for every ``--models``. All configurations of a model
+are built in one process and their timed steps interleaved (one step of each in turn), so a
+change in machine load hits all alike. Each batch size of ``--batch`` gets its own table; the
+default adds batch 2, where per-call overhead decides the step time as launches do on a GPU.
+Each row also counts what one step dispatches (``torch.profiler``): CUDA kernels on a GPU, aten
+operators on a CPU. Ratios are to the same model's
 ``fp`` configuration with the same ``bf16``/``cl`` flags and no compile (what users compare a QAT
 step with), and to ``fp+compile`` with those flags when it was measured.
 
-``--parallel`` runs each configuration in its own process: all build and compile at once, then
-wait for each other and take turns for the timed steps (a GPU measures one at a time, and no
-compile competes for the CPU while it does).
+``--parallel`` runs each configuration and batch in its own process: all build and compile at
+once, then wait for each other and take turns for the timed steps (a GPU measures one at a
+time, and no compile competes for the CPU while it does); use it where compiling many
+configurations one after another would take too long.
 
 Example:
     python tools/bench_step.py                       # resnet18 and cifar_resnet20, CPU
+    python tools/bench_step.py --models resnet18 --configs fp fx_w8a8 w4a4 w2a2 qat_lsq_mec
     python tools/bench_step.py --device cuda --size 224 --batch 64 --models resnet18 resnet50 \\
         --configs fp fp+compile fx_w8a8 w4a4 w4a4+compile w2a2+compile --parallel
 """
@@ -102,6 +109,13 @@ def _fx_qat(model: torch.nn.Module, images: torch.Tensor) -> torch.nn.Module:
     from torch.ao.quantization import get_default_qat_qconfig_mapping
     from torch.ao.quantization.quantize_fx import prepare_qat_fx
 
+    # timm zero-initialises the last BatchNorm of each residual block; torch.ao's fused observer
+    # turns an all-zero tensor into NaN (torch 2.14: a NaN loss at the first step). A tiny gamma
+    # changes no step time.
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d) and not module.weight.any():
+                module.weight.fill_(1e-3)
     return prepare_qat_fx(model.train(), get_default_qat_qconfig_mapping("x86"), (images,))
 
 
@@ -161,54 +175,106 @@ def turn(turns: Path | None, expected: int, wait_s: float = 360.0):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def measure(config: Config, batch: int, size: int, steps: int, warmup: int,
-            device: torch.device, turns: Path | None = None, expected: int = 1) -> dict:
-    use_compiled_kernels("eager" not in config.flags)
-    step, batches = build_step(config, batch, size, device)
+@dataclasses.dataclass
+class Subject:
+    """One configuration built and ready to step."""
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    config: Config
+    step: TrainStep
+    batches: list
+    compiled_kernels: bool
+    steps_done: int = 0
+    warmup_s: float = 0.0
+    graph_breaks: int = 0
 
-    started = time.perf_counter()
-    train_one_epoch(step, batches * warmup, epoch=0, start_step=0)
-    sync()
-    warmup_s = time.perf_counter() - started
-    stamps: list[float] = []
+    def run(self, count: int) -> None:
+        use_compiled_kernels(self.compiled_kernels)
+        train_one_epoch(self.step, self.batches * count, epoch=0, start_step=self.steps_done)
+        self.steps_done += count
 
-    def after_step(index: int, stats) -> None:
-        sync()
-        stamps.append(time.perf_counter())
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def ops_per_step(subject: Subject, device: torch.device) -> int:
+    """Kernels one training step launches on a GPU, or, on a CPU (the proxy for launch
+    overhead), the aten operators it dispatches from outside any other aten operator."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        subject.run(1)
+        _sync(device)
+    events = prof.events()
+    if device.type == "cuda":
+        return sum(1 for e in events if e.device_type == DeviceType.CUDA)
+    return sum(1 for e in events if e.name.startswith("aten::") and not (
+        e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::")))
+
+
+def measure(configs: list[Config], batch: int, size: int, steps: int, warmup: int,
+            device: torch.device, turns: Path | None = None, expected: int = 1) -> list[dict]:
+    """Build every configuration, warm each up, then time their steps interleaved (one step
+    of each in turn, as tools/bench_peers.py does), so that a change in machine load hits all
+    alike; then count each one's operators per step."""
+    subjects = []
+    for config in configs:
+        breaks_before = graph_breaks()
+        compiled_kernels = use_compiled_kernels("eager" not in config.flags)
+        step, batches = build_step(config, batch, size, device)
+        subject = Subject(config, step, batches, compiled_kernels)
+        started = time.perf_counter()
+        subject.run(warmup)
+        _sync(device)
+        subject.warmup_s = time.perf_counter() - started
+        subject.graph_breaks = graph_breaks() - breaks_before
+        subjects.append(subject)
+    times: dict[int, list[float]] = {id(s): [] for s in subjects}
     with turn(turns, expected):
-        sync()
-        start = time.perf_counter()
-        train_one_epoch(step, batches * steps, epoch=0, start_step=warmup, after_step=after_step)
-    times = [b - a for a, b in zip([start, *stamps], stamps, strict=False)]
-    return {"model": config.model, "config": config.name, "median_s": statistics.median(times),
-            "min_s": min(times), "max_s": max(times), "warmup_s": round(warmup_s, 2),
-            "graph_breaks": graph_breaks()}
+        for _ in range(steps):
+            for subject in subjects:
+                _sync(device)
+                start = time.perf_counter()
+                subject.run(1)
+                _sync(device)
+                times[id(subject)].append(time.perf_counter() - start)
+    results = []
+    for subject in subjects:
+        measured = times[id(subject)]
+        results.append({"model": subject.config.model, "config": subject.config.name,
+                        "batch": batch, "median_s": statistics.median(measured),
+                        "min_s": min(measured), "max_s": max(measured),
+                        "warmup_s": round(subject.warmup_s, 2),
+                        "graph_breaks": subject.graph_breaks,
+                        "ops": ops_per_step(subject, device)})
+    return results
 
 
 def run_parallel(configs: list[Config], args: argparse.Namespace) -> list[dict]:
-    """One process per configuration (see the module docstring)."""
+    """One process per configuration and batch size (see the module docstring)."""
     turns = Path(args.turns_dir or f"/tmp/bench_step_turns.{os.getpid()}")
     turns.mkdir(parents=True, exist_ok=True)
     for stale in [*turns.glob("*.ready"), *turns.glob("*.failed"), *turns.glob("*.jsonl")]:
         stale.unlink()
-    threads = max(1, (os.cpu_count() or 2) // len(configs))
+    jobs = [(config, batch) for batch in args.batch for config in configs]
+    threads = max(1, (os.cpu_count() or 2) // len(jobs))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads),
            "TORCHINDUCTOR_COMPILE_THREADS": str(max(1, threads))}
     procs = []
-    for config in configs:
+    for config, batch in jobs:
         command = [sys.executable, __file__, "--one", f"{config.model}/{config.name}",
-                   "--batch", str(args.batch), "--size", str(args.size), "--steps",
+                   "--batch", str(batch), "--size", str(args.size), "--steps",
                    str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
-                   "--turns-dir", str(turns), "--expect", str(len(configs))]
-        procs.append((config, subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
-                                               stderr=subprocess.PIPE, text=True)))
+                   "--turns-dir", str(turns), "--expect", str(len(jobs))]
+        procs.append((config, batch, subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                                                      stderr=subprocess.PIPE, text=True)))
     results = []
-    for config, proc in procs:
+    for config, batch, proc in procs:
         out, err = proc.communicate()
         lines = [line for line in out.splitlines() if line.startswith("{")]
         if proc.returncode == 0 and lines:
@@ -216,21 +282,21 @@ def run_parallel(configs: list[Config], args: argparse.Namespace) -> list[dict]:
         else:
             (turns / f"{proc.pid}.failed").touch()
             tail = err.strip().splitlines()[-1:] or ["no output"]
-            results.append({"model": config.model, "config": config.name,
+            results.append({"model": config.model, "config": config.name, "batch": batch,
                             "error": tail[0][:200]})
     return results
 
 
-def table(results: list[dict], title: str) -> Table:
+def table(results: list[dict], title: str, ops_label: str) -> Table:
     out = Table(title=title)
     for column in ("model", "configuration", "median ms", "min-max ms", "x fp", "x fp+compile",
-                   "x QAT-LSQ", "warm-up s", "graph breaks"):
+                   "x QAT-LSQ", ops_label, "warm-up s", "graph breaks"):
         out.add_column(column, justify="left" if column in ("model", "configuration")
                        else "right")
     by_name = {(r["model"], r["config"]): r for r in results if "median_s" in r}
     for r in results:
         if "median_s" not in r:
-            out.add_row(r["model"], r["config"], "failed: " + r["error"], *[""] * 6)
+            out.add_row(r["model"], r["config"], "failed: " + r["error"], *[""] * 7)
             continue
         config = Config.parse(r["config"], r["model"])
         ratios = []
@@ -243,7 +309,7 @@ def table(results: list[dict], title: str) -> Table:
                       if lsq and config.variant.startswith("qat_lsq_") else "-")
         out.add_row(r["model"], r["config"], f"{1000 * r['median_s']:.1f}",
                     f"{1000 * r['min_s']:.1f}-{1000 * r['max_s']:.1f}", *ratios,
-                    f"{r['warmup_s']:.1f}", str(r["graph_breaks"]))
+                    str(r["ops"]), f"{r['warmup_s']:.1f}", str(r["graph_breaks"]))
     return out
 
 
@@ -253,14 +319,18 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["resnet18", "cifar_resnet20"])
     parser.add_argument("--configs", nargs="+", default=CPU_DEFAULT,
                         help="[model/]variant[+flag...] (see above)")
-    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--batch", type=int, nargs="+", default=[128, 2],
+                        help="batch sizes, one table each (the small one is overhead-bound)")
     parser.add_argument("--size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=7, help="timed steps (median reported)")
+    parser.add_argument("--steps", type=int, default=7,
+                        help="timed steps of each configuration (median reported)")
     parser.add_argument("--warmup", type=int, default=15,
                         help="untimed steps first (kernels and compiled models build on first use)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--parallel", action="store_true",
-                        help="one process per configuration; warm up together, time in turns")
+                        help="one process per configuration and batch; warm up together, time "
+                             "in turns (default: one process per model and batch, steps "
+                             "interleaved)")
     parser.add_argument("--json", action="store_true", help="last line: one JSON list")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--turns-dir", help=argparse.SUPPRESS)
@@ -270,8 +340,8 @@ def main() -> None:
     if args.one:
         config = Config.parse(args.one, "")
         turns = Path(args.turns_dir) if args.turns_dir else None
-        line = json.dumps(measure(config, args.batch, args.size, args.steps, args.warmup,
-                                  device, turns, args.expect))
+        line = json.dumps(measure([config], args.batch[0], args.size, args.steps, args.warmup,
+                                  device, turns, args.expect)[0])
         if turns is not None:  # kept even if the parent is stopped before it prints
             with open(turns / "results.jsonl", "a") as results:
                 results.write(line + "\n")
@@ -284,11 +354,18 @@ def main() -> None:
     if args.parallel:
         results = run_parallel(configs, args)
     else:
-        results = [measure(c, args.batch, args.size, args.steps, args.warmup, device)
-                   for c in configs]
-    console = Console(stderr=args.json)
-    console.print(table(results, f"median step time, batch {args.batch} at "
-                                 f"{args.size}x{args.size}, {device}, torch {torch.__version__}"))
+        results = []
+        for batch in args.batch:
+            for model in dict.fromkeys(c.model for c in configs):
+                results += measure([c for c in configs if c.model == model], batch, args.size,
+                                   args.steps, args.warmup, device)
+    # wide enough for every column also when the output is a file or a pipe
+    console = Console(stderr=args.json, width=max(Console().width, 150))
+    ops_label = "kernels/step" if device.type == "cuda" else "aten ops/step"
+    for batch in args.batch:
+        console.print(table([r for r in results if r["batch"] == batch],
+                            f"median step time, batch {batch} at {args.size}x{args.size}, "
+                            f"{device}, torch {torch.__version__}", ops_label))
     if args.json:
         print(json.dumps(results))
 

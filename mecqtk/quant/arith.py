@@ -14,7 +14,7 @@ import warnings
 
 import torch
 
-from mecqtk.quant.saved_codes import remember_grid
+from mecqtk.quant import saved_codes
 
 
 def integer_range(bits: int, signed: bool) -> tuple[int, int]:
@@ -40,14 +40,21 @@ def _reduce_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return grad.sum(dim=dims, keepdim=True).reshape(shape)
 
 
-def _forward_kernel(x, scale, zero_point, qmin: int, qmax: int):
+def _forward_kernel(x, scale, zero_point, qmin: int, qmax: int, code_dtype=None):
+    """The fake-quantized ``x`` and, when ``code_dtype`` is given, its codes ``q - zero_point``
+    in that integer type, written by the same loop (see :mod:`mecqtk.quant.saved_codes`)."""
     codes = torch.round(x / scale)
     if zero_point is not None:
         codes = codes + zero_point
     codes = codes.clamp(qmin, qmax)
     if zero_point is not None:
         codes = codes - zero_point
-    return codes * scale
+    return codes * scale, None if code_dtype is None else codes.to(code_dtype)
+
+
+def _decode_kernel(codes, scale):
+    """A saved quantizer output rebuilt from its codes: the forward's own float32 product."""
+    return codes.to(torch.float32) * scale
 
 
 def _backward_kernel(grad, x, scale, zero_point, qmin: int, qmax: int,
@@ -76,49 +83,64 @@ def _backward_kernel(grad, x, scale, zero_point, qmin: int, qmax: int,
     return grad_x, grad_scale, grad_zp
 
 
-_kernels = {"forward": _forward_kernel, "backward": _backward_kernel}
+_EAGER_KERNELS = {"forward": _forward_kernel, "backward": _backward_kernel,
+                  "decode": _decode_kernel}
+_kernels = dict(_EAGER_KERNELS)
+_compiled_kernels: dict | None = None  # built on first use, kept for the process
 
 
 def use_compiled_kernels(enabled: bool = True) -> bool:
     """Run the fake-quant arithmetic through ``torch.compile`` (one fused loop per direction).
 
     The compiled kernels give bit-identical results (tested) and make fake-quant nearly free on
-    CPU and GPU; compiling costs seconds once per process. Returns whether compiled kernels are
-    now in use: on any compile failure (no C++ compiler, say) mecqtk stays on the eager kernels.
+    CPU and GPU; compiling costs seconds once per process (switching back and forth is free).
+    Returns whether compiled kernels are now in use: on any compile failure (no C++ compiler,
+    say) mecqtk stays on the eager kernels.
     """
+    global _compiled_kernels
     if not enabled:
-        _kernels.update(forward=_forward_kernel, backward=_backward_kernel)
+        _kernels.update(_EAGER_KERNELS)
         return False
-    # one compiled variant per (rank, granularity, zero point, needed gradients): about a dozen
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    try:
-        forward = torch.compile(_forward_kernel, dynamic=True)
-        backward = torch.compile(_backward_kernel, dynamic=True)
-        probe = torch.randn(4, 3, 2)
-        forward(probe, torch.tensor(0.5), None, -2, 1)
-        backward(probe, probe, torch.tensor(0.5), None, -2, 1, True, True, False)
-    except Exception as err:  # a missing compiler must not stop training
-        warnings.warn(f"torch.compile unavailable for fake-quant ({err}); using eager kernels",
-                      stacklevel=2)
-        return use_compiled_kernels(False)
-    _kernels.update(forward=forward, backward=backward)
+    if _compiled_kernels is None:
+        # one compiled variant per (rank, granularity, zero point, needed gradients): a dozen
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        try:
+            compiled = {name: torch.compile(kernel, dynamic=True)
+                        for name, kernel in _EAGER_KERNELS.items()}
+            probe = torch.randn(4, 3, 2)
+            compiled["forward"](probe, torch.tensor(0.5), None, -2, 1)
+            compiled["backward"](probe, probe, torch.tensor(0.5), None, -2, 1, True, True,
+                                 False)
+        except Exception as err:  # a missing compiler must not stop training
+            warnings.warn(f"torch.compile unavailable for fake-quant ({err}); using eager "
+                          "kernels", stacklevel=2)
+            return use_compiled_kernels(False)
+        _compiled_kernels = compiled
+    _kernels.update(_compiled_kernels)
     return True
 
 
 class _FakeQuantize(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, scale, zero_point, qmin, qmax, grad_scale):
+    def forward(ctx, x, scale, zero_point, qmin, qmax, grad_scale, code_dtype):
         # detach: parameters would make the compiled kernel specialise on every weight shape
         x = x.detach()
-        out = _kernels["forward"](
+        out, codes = _kernels["forward"](
             x, scale.detach(), None if zero_point is None else zero_point.detach(), qmin, qmax,
+            code_dtype,
         )
         ctx.save_for_backward(x, scale, zero_point)
         ctx.bounds = (qmin, qmax, grad_scale)
-        return out
+        # the codes get no gradient: no activation-sized zeros for them in the backward
+        ctx.set_materialize_grads(False)
+        if codes is not None:
+            ctx.mark_non_differentiable(codes)
+        return out, codes
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, grad_codes):
+        if grad_out is None:
+            return None, None, None, None, None, None, None
         x, scale, zero_point = ctx.saved_tensors
         qmin, qmax, grad_scale = ctx.bounds
         need_x, need_scale, need_zp = ctx.needs_input_grad[:3]
@@ -131,7 +153,7 @@ class _FakeQuantize(torch.autograd.Function):
             grad_s = grad_s * grad_scale
         if grad_zp is not None:
             grad_zp = grad_zp * grad_scale
-        return grad_x, grad_s, grad_zp, None, None, None
+        return grad_x, grad_s, grad_zp, None, None, None, None
 
 
 def _traceable_fake_quantize(x, scale, zero_point, qmin: int, qmax: int, grad_scale: float):
@@ -174,8 +196,12 @@ def fake_quantize(
     *,
     zero_point: torch.Tensor | None = None,
     grad_scale: float = 1.0,
+    keep_codes: bool = True,
 ) -> torch.Tensor:
     """Quantize-dequantize ``x`` on the grid ``scale * ([qmin, qmax] - zero_point)``.
+
+    ``keep_codes``: inside :func:`~mecqtk.quant.saved_codes.codes_for_backward`, the output is
+    kept for the backward as integer codes (for activations; a weight is better kept as is).
 
     ``scale`` (and ``zero_point``, which must hold integers) broadcast against ``x``. Eager
     calls run the fused kernels of :func:`use_compiled_kernels`; inside ``torch.compile`` of a
@@ -187,8 +213,14 @@ def fake_quantize(
     """
     if torch.compiler.is_compiling():
         return _traceable_fake_quantize(x, scale, zero_point, qmin, qmax, grad_scale)
-    out = _FakeQuantize.apply(x, scale, zero_point, qmin, qmax, grad_scale)
-    remember_grid(out, scale, qmin, qmax, zero_point)
+    differentiable = torch.is_grad_enabled() and (
+        x.requires_grad or scale.requires_grad
+        or (zero_point is not None and zero_point.requires_grad))
+    code_dtype = (saved_codes.code_dtype(qmin, qmax, zero_point)
+                  if keep_codes and differentiable and x.dtype == torch.float32 else None)
+    out, codes = _FakeQuantize.apply(x, scale, zero_point, qmin, qmax, grad_scale, code_dtype)
+    if codes is not None:
+        saved_codes.remember_codes(out, codes, scale.detach(), _kernels["decode"])
     return out
 
 

@@ -29,6 +29,9 @@ class FakeQuantizer(nn.Module):
     """
 
     weight_capable = True  # False for quantizers meant for activations only
+    # whether the training step keeps this quantizer's output for the backward as integer codes
+    # (mecqtk.quant.saved_codes); prepare() turns it off for weight quantizers
+    keeps_codes = True
 
     def __init__(self, spec: QuantSpec, channels: int = 1, axis: int = 0) -> None:
         super().__init__()
@@ -178,6 +181,7 @@ class FakeQuantizer(nn.Module):
             self.qmax,
             zero_point=None if zero_point is None else self.broadcast(zero_point, x),
             grad_scale=self.grad_scale(x),
+            keep_codes=self.keeps_codes,
         )
 
     @torch.no_grad()
@@ -191,7 +195,8 @@ class FakeQuantizer(nn.Module):
             dims = [d for d in range(x.dim()) if d != self.axis]
             self.scale.copy_((x.abs().amax(dim=dims) / bound).clamp_min(MIN_STEP))
         else:
-            batch_step = (x.abs().max() / bound).clamp_min(MIN_STEP)
+            low, high = torch.aminmax(x)  # one read of x, no |x| written
+            batch_step = (torch.maximum(high, -low) / bound).clamp_min(MIN_STEP)
             self.scale.mul_(1 - self.RANGE_MOMENTUM).add_(self.RANGE_MOMENTUM * batch_step)
 
     RANGE_MOMENTUM = 0.01

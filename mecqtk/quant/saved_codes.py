@@ -2,18 +2,19 @@
 
 A conv or Linear saves its input for its weight gradient. In QAT that input is a quantizer's
 output: a float32 tensor that holds only ``2**bits`` distinct values, ``(code - zero) * step``.
-Inside :func:`codes_for_backward` such a tensor is stored as int8 codes (int16 for 8-bit grids)
-and rebuilt by the same float32 product when the backward needs it, bit for bit the tensor the
-forward computed. The float model keeps one activation per layer input; QAT used to keep two
-(the quantizer's input and its output), and inception_v3's training step at 299 px did not fit
-in 24 GB at the recipes' batch of 128.
+Inside :func:`codes_for_backward` such a tensor is stored as int8 codes (int16 for 8-bit grids
+and grids with a zero point), which the quantizer's fused forward loop writes beside its float
+output, and rebuilt by the same float32 product when the backward needs it, bit for bit the
+tensor the forward computed. The float model keeps one activation per layer input; QAT used to
+keep two (the quantizer's input and its output), and inception_v3's training step at 299 px did
+not fit in 24 GB at the recipes' batch of 128.
 
 Only eager autograd sees these hooks; ``torch.compile`` plans its own saved tensors.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -21,36 +22,41 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 Tensor = torch.Tensor
 
-_grids: WeakTensorKeyDictionary | None = None  # quantizer output -> its step, while active
+_grids: WeakTensorKeyDictionary | None = None  # quantizer output -> its codes, while active
 
 
-def remember_grid(out: Tensor, step: Tensor, qmin: int, qmax: int,
-                  zero_point: Tensor | None) -> None:
-    """Note that ``out`` is ``(codes - zero_point) * step`` with codes in ``[qmin, qmax]``; a no-op
-    outside :func:`codes_for_backward`."""
-    if _grids is None or not out.requires_grad or out.dtype != torch.float32:
-        return
-    # codes - zero_point: within [qmin, qmax] without a zero point; with one (which may be
-    # learned), int16 leaves room for any zero point a grid of up to 8 bits can have
+def code_dtype(qmin: int, qmax: int, zero_point: Tensor | None) -> torch.dtype | None:
+    """The integer type a quantizer on ``[qmin, qmax]`` writes its codes ``q - zero_point`` in,
+    or None outside :func:`codes_for_backward` (no codes are wanted)."""
+    if _grids is None:
+        return None
+    # without a zero point the codes are within [qmin, qmax]; with one (which may be learned),
+    # int16 leaves room for any zero point a grid of up to 8 bits can have
     narrow = zero_point is None and qmin >= -128 and qmax <= 127
-    dtype = torch.int8 if narrow else torch.int16
-    _grids[out] = (step.detach(), dtype)
+    return torch.int8 if narrow else torch.int16
+
+
+def remember_codes(out: Tensor, codes: Tensor, step: Tensor,
+                   decode: Callable[[Tensor, Tensor], Tensor]) -> None:
+    """Note that ``out`` is ``decode(codes, step)``, ``codes`` written by the quantizer's own
+    forward loop (no extra pass over the activation); a no-op outside
+    :func:`codes_for_backward`."""
+    if _grids is not None and out.requires_grad:
+        _grids[out] = (codes, step, decode)
 
 
 def _pack(tensor: Tensor) -> object:
-    grid = _grids.get(tensor) if _grids is not None else None
-    if grid is None:
+    entry = _grids.get(tensor) if _grids is not None else None
+    if entry is None:
         return tensor
-    step, dtype = grid
-    # out / step is within 2**-20 of an integer: rounding gives the code exactly
-    return torch.round(tensor.detach() / step).to(dtype), step, tensor.requires_grad
+    return (*entry, tensor.requires_grad)
 
 
 def _unpack(packed: object) -> Tensor:
     if isinstance(packed, Tensor):
         return packed
-    codes, step, requires_grad = packed
-    return (codes.to(torch.float32) * step).requires_grad_(requires_grad)
+    codes, step, decode, requires_grad = packed
+    return decode(codes, step).requires_grad_(requires_grad)
 
 
 @contextmanager
