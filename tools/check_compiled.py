@@ -51,7 +51,8 @@ def _cases(device: torch.device) -> dict[str, tuple]:
 
 def _eager_fake_quantize(x, scale, zero_point, qmin, qmax, grad_scale):
     """The eager path (the autograd.Function around the kernels), without saved codes."""
-    return arith._FakeQuantize.apply(x, scale, zero_point, qmin, qmax, grad_scale, None)[0]
+    return arith._FakeQuantize.apply(x, scale, None, zero_point, qmin, qmax, None,
+                                     grad_scale, None)[0]
 
 
 def _run(fn, x, scale, zero_point, bounds):
@@ -74,7 +75,7 @@ def check_kernels(device: torch.device) -> Table:
     for name, (x, scale, zero_point, bounds) in _cases(device).items():
         eager = _run(_eager_fake_quantize, x, scale, zero_point, bounds)
         fused = _run(traced, x, scale, zero_point, bounds)
-        cpu = arith._forward_kernel(x.cpu(), scale.cpu(),
+        cpu = arith._forward_kernel(x.cpu(), scale.cpu(), None,
                                     None if zero_point is None else zero_point.cpu(), *bounds)[0]
         rel = (fused[2] - eager[2]).abs().max() / eager[2].abs().max()
         table.add_row(name, str(x.numel()), str(int((fused[0] != eager[0]).sum())),

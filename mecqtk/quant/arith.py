@@ -40,16 +40,35 @@ def _reduce_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return grad.sum(dim=dims, keepdim=True).reshape(shape)
 
 
-def _forward_kernel(x, scale, zero_point, qmin: int, qmax: int, code_dtype=None):
-    """The fake-quantized ``x`` and, when ``code_dtype`` is given, its codes ``q - zero_point``
-    in that integer type, written by the same loop (see :mod:`mecqtk.quant.saved_codes`)."""
-    codes = torch.round(x / scale)
+def _along(t, x, axis: int | None):
+    """``t`` (one value per channel along ``axis`` of ``x``; with ``axis`` None, ``t`` already
+    broadcasts against ``x``) shaped to broadcast against ``x``."""
+    if axis is None or t is None:
+        return t
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return t.reshape(shape)
+
+
+def _floored(scale, floor):
+    """The step in use: ``scale`` wherever it is at or above ``floor``, else the floor."""
+    return scale if floor is None else torch.where(scale >= floor, scale, floor)
+
+
+def _forward_kernel(x, scale, floor, zero_point, qmin: int, qmax: int, axis: int | None = None,
+                    code_dtype=None):
+    """The fake-quantized ``x``, the step in use (broadcast against ``x``) and, when
+    ``code_dtype`` is given, the codes ``q - zero_point`` in that integer type, written by the
+    same loop (see :mod:`mecqtk.quant.saved_codes`)."""
+    scale, floor, zero_point = (_along(t, x, axis) for t in (scale, floor, zero_point))
+    step = _floored(scale, floor)
+    codes = torch.round(x / step)
     if zero_point is not None:
         codes = codes + zero_point
     codes = codes.clamp(qmin, qmax)
     if zero_point is not None:
         codes = codes - zero_point
-    return codes * scale, None if code_dtype is None else codes.to(code_dtype)
+    return codes * step, step, None if code_dtype is None else codes.to(code_dtype)
 
 
 def _decode_kernel(codes, scale):
@@ -57,16 +76,21 @@ def _decode_kernel(codes, scale):
     return codes.to(torch.float32) * scale
 
 
-def _backward_kernel(grad, x, scale, zero_point, qmin: int, qmax: int,
+def _backward_kernel(grad, x, scale, floor, zero_point, qmin: int, qmax: int,
+                     axis: int | None, grad_scale: float,
                      need_x: bool, need_scale: bool, need_zp: bool):
-    # x / scale again, the same float32 division as the forward: bit for bit its value (saving
+    shapes = (scale.shape, None if zero_point is None else zero_point.shape)
+    scale, floor, zero_point = (_along(t, x, axis) for t in (scale, floor, zero_point))
+    step = _floored(scale, floor)
+    # x / step again, the same float32 division as the forward: bit for bit its value (saving
     # the input instead of the quotient costs no memory where the input is kept anyway, by an
     # in-place ReLU before the quantizer, say; a saved quotient was a second activation-sized
     # tensor per quantizer: 2.2x the float model's training memory on inception_v3)
-    scaled = x / scale
+    scaled = x / step
     # Inside the range (in code space, round(x/s) + z in [qmin, qmax], LSQ's -Qn <= x/s <= Qp):
     # straight-through for x and round(x/s) - x/s for s. Outside: zero for x, the clamped code
-    # (bound - z) for s, and -s for z.
+    # (bound - z) for s, and -s for z. All step and zero-point gradients are scaled by LSQ's
+    # grad_scale; a step held at its floor gets none (the floor is a constant).
     if zero_point is None:
         low, high = qmin, qmax
     else:
@@ -74,13 +98,17 @@ def _backward_kernel(grad, x, scale, zero_point, qmin: int, qmax: int,
     clamped = torch.clamp(scaled, low, high)
     inside = clamped == scaled
     grad_x = torch.where(inside, grad, 0.0) if need_x else None
-    grad_scale = grad_zp = None
+    grad_step = grad_zp = None
     if need_scale:
         d_scale = (torch.round(clamped) - torch.where(inside, scaled, 0.0)) * grad
-        grad_scale = _reduce_to(d_scale, scale.shape)
+        grad_step = _reduce_to(d_scale, scale.shape) * grad_scale
+        if floor is not None:
+            grad_step = torch.where(scale >= floor, grad_step, 0.0)
+        grad_step = grad_step.reshape(shapes[0])
     if need_zp:
-        grad_zp = _reduce_to(torch.where(inside, 0.0, -scale) * grad, zero_point.shape)
-    return grad_x, grad_scale, grad_zp
+        grad_zp = _reduce_to(torch.where(inside, 0.0, -step) * grad, zero_point.shape) * grad_scale
+        grad_zp = grad_zp.reshape(shapes[1])
+    return grad_x, grad_step, grad_zp
 
 
 _EAGER_KERNELS = {"forward": _forward_kernel, "backward": _backward_kernel,
@@ -108,9 +136,9 @@ def use_compiled_kernels(enabled: bool = True) -> bool:
             compiled = {name: torch.compile(kernel, dynamic=True)
                         for name, kernel in _EAGER_KERNELS.items()}
             probe = torch.randn(4, 3, 2)
-            compiled["forward"](probe, torch.tensor(0.5), None, -2, 1)
-            compiled["backward"](probe, probe, torch.tensor(0.5), None, -2, 1, True, True,
-                                 False)
+            compiled["forward"](probe, torch.tensor(0.5), None, None, -2, 1)
+            compiled["backward"](probe, probe, torch.tensor(0.5), None, None, -2, 1, None, 1.0,
+                                 True, True, False)
         except Exception as err:  # a missing compiler must not stop training
             warnings.warn(f"torch.compile unavailable for fake-quant ({err}); using eager "
                           "kernels", stacklevel=2)
@@ -120,43 +148,42 @@ def use_compiled_kernels(enabled: bool = True) -> bool:
     return True
 
 
+def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach()
+
+
 class _FakeQuantize(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, scale, zero_point, qmin, qmax, grad_scale, code_dtype):
-        # detach: parameters would make the compiled kernel specialise on every weight shape
-        x = x.detach()
-        out, codes = _kernels["forward"](
-            x, scale.detach(), None if zero_point is None else zero_point.detach(), qmin, qmax,
-            code_dtype,
-        )
-        ctx.save_for_backward(x, scale, zero_point)
-        ctx.bounds = (qmin, qmax, grad_scale)
-        # the codes get no gradient: no activation-sized zeros for them in the backward
+    def forward(ctx, x, scale, floor, zero_point, qmin, qmax, axis, grad_scale, code_dtype):
+        # detach the parameters (a weight, a step, a learned zero point): the compiled kernel
+        # would specialise on the shape of each (the floor is a buffer)
+        x, scale, zero_point = x.detach(), scale.detach(), _detached(zero_point)
+        out, step, codes = _kernels["forward"](x, scale, floor, zero_point, qmin, qmax, axis,
+                                               code_dtype)
+        ctx.save_for_backward(x, scale, floor, zero_point)
+        ctx.bounds = (qmin, qmax, axis, grad_scale)
+        # the step and the codes get no gradient: no zeros materialised for them
         ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(step)
         if codes is not None:
             ctx.mark_non_differentiable(codes)
-        return out, codes
+        return out, step, codes
 
     @staticmethod
-    def backward(ctx, grad_out, grad_codes):
+    def backward(ctx, grad_out, grad_step, grad_codes):
         if grad_out is None:
-            return None, None, None, None, None, None, None
-        x, scale, zero_point = ctx.saved_tensors
-        qmin, qmax, grad_scale = ctx.bounds
-        need_x, need_scale, need_zp = ctx.needs_input_grad[:3]
+            return (None,) * 9
+        x, scale, floor, zero_point = ctx.saved_tensors
+        need_x, need_scale, _, need_zp = ctx.needs_input_grad[:4]
         grad_x, grad_s, grad_zp = _kernels["backward"](
-            grad_out, x, scale.detach(), None if zero_point is None else zero_point.detach(),
-            qmin, qmax,
+            grad_out, x, scale, floor, zero_point, *ctx.bounds,
             need_x, need_scale, need_zp and zero_point is not None,
         )
-        if grad_s is not None:
-            grad_s = grad_s * grad_scale
-        if grad_zp is not None:
-            grad_zp = grad_zp * grad_scale
-        return grad_x, grad_s, grad_zp, None, None, None, None
+        return grad_x, grad_s, None, grad_zp, None, None, None, None, None
 
 
-def _traceable_fake_quantize(x, scale, zero_point, qmin: int, qmax: int, grad_scale: float):
+def _traceable_fake_quantize(x, scale, zero_point, qmin: int, qmax: int, grad_scale: float,
+                             floor=None, axis: int | None = None):
     """The same values and gradients as :class:`_FakeQuantize`, as a plain differentiable
     expression: what ``torch.compile`` of a whole QAT model traces, so that inductor fuses each
     quantizer into its neighbouring kernels (an autograd.Function or a custom op stays one opaque
@@ -168,6 +195,9 @@ def _traceable_fake_quantize(x, scale, zero_point, qmin: int, qmax: int, grad_sc
     to eager); the step and zero-point gradients are the same per-element terms, summed in
     whatever order the fused reduction takes.
     """
+    scale, floor, zero_point = (_along(t, x, axis) for t in (scale, floor, zero_point))
+    if floor is not None:
+        scale = torch.where(scale >= floor, scale, floor)
     step = scale.detach()
     scaled = x.detach() / step
     if zero_point is None:
@@ -196,31 +226,39 @@ def fake_quantize(
     *,
     zero_point: torch.Tensor | None = None,
     grad_scale: float = 1.0,
+    floor: torch.Tensor | None = None,
+    axis: int | None = None,
     keep_codes: bool = True,
 ) -> torch.Tensor:
-    """Quantize-dequantize ``x`` on the grid ``scale * ([qmin, qmax] - zero_point)``.
+    """Quantize-dequantize ``x`` on the grid ``step * ([qmin, qmax] - zero_point)``.
+
+    ``scale`` (and ``zero_point``, which must hold integers) broadcast against ``x``, or, with
+    ``axis``, hold one value per channel along that axis of ``x``. The step is ``scale``, or
+    ``floor`` (shaped like ``scale``) where ``scale`` is below it; a floored step gets no
+    gradient. Eager calls run the fused kernels of :func:`use_compiled_kernels`
+    (floor, quantization and LSQ's gradient scale in one call each way); inside
+    ``torch.compile`` of a model the same arithmetic is traced as plain ops, so inductor fuses
+    it with its neighbours.
 
     ``keep_codes``: inside :func:`~mecqtk.quant.saved_codes.codes_for_backward`, the output is
     kept for the backward as integer codes (for activations; a weight is better kept as is).
-
-    ``scale`` (and ``zero_point``, which must hold integers) broadcast against ``x``. Eager
-    calls run the fused kernels of :func:`use_compiled_kernels`; inside ``torch.compile`` of a
-    model the same arithmetic is traced as plain ops, so inductor fuses it with its neighbours.
 
     Example:
         >>> fake_quantize(torch.tensor([0.26, -3.0]), torch.tensor(0.5), -2, 1)
         tensor([ 0.5000, -1.0000])
     """
     if torch.compiler.is_compiling():
-        return _traceable_fake_quantize(x, scale, zero_point, qmin, qmax, grad_scale)
+        return _traceable_fake_quantize(x, scale, zero_point, qmin, qmax, grad_scale, floor,
+                                        axis)
     differentiable = torch.is_grad_enabled() and (
         x.requires_grad or scale.requires_grad
         or (zero_point is not None and zero_point.requires_grad))
     code_dtype = (saved_codes.code_dtype(qmin, qmax, zero_point)
                   if keep_codes and differentiable and x.dtype == torch.float32 else None)
-    out, codes = _FakeQuantize.apply(x, scale, zero_point, qmin, qmax, grad_scale, code_dtype)
+    out, step, codes = _FakeQuantize.apply(x, scale, floor, zero_point, qmin, qmax, axis,
+                                           grad_scale, code_dtype)
     if codes is not None:
-        saved_codes.remember_codes(out, codes, scale.detach(), _kernels["decode"])
+        saved_codes.remember_codes(out, codes, step, _kernels["decode"])
     return out
 
 

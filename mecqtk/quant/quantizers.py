@@ -73,7 +73,8 @@ class FakeQuantizer(nn.Module):
     def grad_scale(self, x: torch.Tensor) -> float:
         # LSQ's N: all weights of the layer (N_W, also for per-channel steps) or the features of
         # one sample (N_F) for activations.
-        return lsq_grad_scale(x.numel() if self.per_channel else x[0].numel(), self.qmax)
+        per_step = x.numel() if self.per_channel else x.numel() // max(x.shape[0], 1)
+        return lsq_grad_scale(per_step, self.qmax)
 
     # A step below 1/256 of the range's own step (absmax / largest code) would put all but a few
     # values of the tensor into the clipped bounds: no training state worth keeping is down there.
@@ -173,16 +174,11 @@ class FakeQuantizer(nn.Module):
                 return self(x.float()).to(x.dtype)
         if self.training and not self.scale.requires_grad:
             self.track_range(x)
-        zero_point = self.zero_point()
-        return fake_quantize(
-            x,
-            self.broadcast(self.step_size(), x),
-            self.qmin,
-            self.qmax,
-            zero_point=None if zero_point is None else self.broadcast(zero_point, x),
-            grad_scale=self.grad_scale(x),
-            keep_codes=self.keeps_codes,
-        )
+        # the step_size() floor and the per-channel broadcast happen inside the kernel: on a
+        # CPU or a GPU each extra call per quantizer costs more than its arithmetic
+        return fake_quantize(x, self.scale, self.qmin, self.qmax, zero_point=self.zero_point(),
+                             grad_scale=self.grad_scale(x), floor=self.step_floor,
+                             axis=self.axis, keep_codes=self.keeps_codes)
 
     @torch.no_grad()
     def track_range(self, x: torch.Tensor) -> None:
@@ -293,9 +289,11 @@ def _project_steps(quantizers: list[FakeQuantizer]) -> None:
     """:meth:`FakeQuantizer.keep_step_valid` of all ``quantizers`` at once: the steps, floors and
     previous steps are concatenated, so a model's hundreds of quantizers cost a dozen kernel
     launches per optimizer step instead of a dozen each (on a GPU, launches are the cost)."""
-    step = torch.cat([q.scale.detach().reshape(-1) for q in quantizers])
-    floor = torch.cat([q.step_floor.reshape(-1) for q in quantizers]).to(step)
-    previous = torch.cat([q.previous_step.reshape(-1) for q in quantizers]).to(step)
+    # steps, floors and previous steps are 1-D and of one dtype (no reshape or cast per
+    # quantizer: on a CPU each is a dispatch of its own)
+    step = torch.cat([q.scale for q in quantizers])
+    floor = torch.cat([q.step_floor for q in quantizers])
+    previous = torch.cat([q.previous_step for q in quantizers])
     # one update moves a step by at most a factor MAX_STEP_CHANGE either way: from an
     # over-confident initialisation the first gradients push every activation step down at
     # once, and a step that collapses in one iteration clips its whole tensor to one code

@@ -39,12 +39,15 @@ def parameter_groups(model: nn.Module, config: OptimizerConfig) -> list[dict]:
 
 def build_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.Optimizer:
     groups = parameter_groups(model, config)
+    # foreach (one call per group and operation, not per parameter) on every device: torch
+    # picks it on CUDA only, and a QAT model adds a learned step per quantizer to the
+    # parameters, each a per-parameter call of its own on a CPU
     if config.name == "sgd":
         return torch.optim.SGD(
             groups, lr=config.lr, momentum=config.momentum,
-            nesterov=config.nesterov and config.momentum > 0,
+            nesterov=config.nesterov and config.momentum > 0, foreach=True,
         )
-    return torch.optim.AdamW(groups, lr=config.lr)
+    return torch.optim.AdamW(groups, lr=config.lr, foreach=True)
 
 
 def lr_factor(

@@ -34,7 +34,8 @@ def _case(case: str, seed: int):
 
 def _eager_fake_quantize(x, scale, zero_point, qmin, qmax, grad_scale):
     """The eager path (the autograd.Function around the kernels), without saved codes."""
-    return arith._FakeQuantize.apply(x, scale, zero_point, qmin, qmax, grad_scale, None)[0]
+    return arith._FakeQuantize.apply(x, scale, None, zero_point, qmin, qmax, None,
+                                     grad_scale, None)[0]
 
 
 @pytest.mark.parametrize("case", ["per_tensor", "per_channel", "zero_point"])
@@ -74,3 +75,38 @@ def test_traced_expression_under_torch_compile_equals_the_eager_kernels(case):
     torch.testing.assert_close(fused[2], eager[2], rtol=1e-5, atol=1e-7)
     if zp is not None:
         torch.testing.assert_close(fused[3], eager[3], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kernels", ["eager", "compiled"])
+def test_floor_and_channel_axis_inside_the_kernel_equal_the_broadcast_step(kernels):
+    """The quantizer hands its raw per-channel step, its floor and the channel axis to the
+    kernel (one call each way, no reshape or where of its own). That gives the values and
+    gradients of the plain formulation ``fake_quantize(x, where(s >= floor, s, floor)
+    broadcast)``: a floored channel quantizes with its floor and gets no step gradient."""
+    if kernels == "compiled" and not arith.use_compiled_kernels(True):
+        pytest.skip("torch.compile is not available on this machine")
+    try:
+        torch.manual_seed(3)
+        x = torch.randn(6, 5, 4, 4)
+        scale = torch.tensor([0.2, 0.05, 0.3, 1e-4, 0.1])  # channel 3 below its floor
+        floor = torch.full((5,), 1e-2)
+        upstream = torch.linspace(-1, 1, x.numel()).view_as(x)
+
+        def run(fused: bool):
+            xs, ss = x.clone().requires_grad_(True), scale.clone().requires_grad_(True)
+            if fused:
+                y = arith.fake_quantize(xs, ss, -2, 1, grad_scale=0.1, floor=floor, axis=1)
+            else:
+                step = torch.where(ss >= floor, ss, floor).reshape(1, -1, 1, 1)
+                y = arith.fake_quantize(xs, step, -2, 1, grad_scale=0.1)
+            (y * upstream).sum().backward()
+            return y.detach(), xs.grad, ss.grad
+
+        fused, plain = run(True), run(False)
+        assert torch.equal(fused[0], plain[0]) and torch.equal(fused[1], plain[1])
+        torch.testing.assert_close(fused[2], plain[2], rtol=1e-6, atol=0.0)
+        assert fused[2][3] == 0 and (fused[2][[0, 1, 2, 4]] != 0).all()
+        # channel 3 really quantized with the floor: codes of x / 1e-2 in [-2, 1]
+        assert torch.equal(fused[0][:, 3], (x[:, 3] / 1e-2).round().clamp(-2, 1) * 1e-2)
+    finally:
+        arith.use_compiled_kernels(False)
