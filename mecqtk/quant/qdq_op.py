@@ -11,13 +11,18 @@ per-channel ``scale`` (ignored when ``scale`` holds one value).
 stored integer tensor (weights, int32 biases).
 
 Both are plain functions of their inputs (no autograd), so torch.export keeps each as one node
-and :mod:`mecqtk.export.translate` gives the ONNX exporter its translation. Training can reuse
-them once a backward is registered.
+and :mod:`mecqtk.export.translate` gives the ONNX exporter its translation. The arithmetic is
+the training quantizer's forward kernel (:mod:`mecqtk.quant.arith`), not a copy of it; training
+itself calls that kernel through an autograd.Function, which carries what the exported operator
+has no use for: the step floor, LSQ's gradient scale, a learned (float) zero point and the codes
+kept for the backward.
 """
 
 from __future__ import annotations
 
 import torch
+
+from mecqtk.quant.arith import _forward_kernel
 
 Tensor = torch.Tensor
 
@@ -34,10 +39,10 @@ def _shaped(t: Tensor, like: Tensor, axis: int) -> Tensor:
 @torch.library.custom_op("mecqtk::quantize_dequantize", mutates_args=())
 def quantize_dequantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
                         axis: int) -> Tensor:
-    step = _shaped(scale, x, axis)
-    zero = _shaped(zero_point, x, axis).to(torch.float32)
-    codes = (torch.round(x / step) + zero).clamp(qmin, qmax)
-    return (codes - zero) * step
+    # the training quantizer's own forward arithmetic (one implementation of the grid)
+    out, _, _ = _forward_kernel(x, _shaped(scale, x, axis), None,
+                                _shaped(zero_point, x, axis).to(torch.float32), qmin, qmax)
+    return out
 
 
 @quantize_dequantize.register_fake
