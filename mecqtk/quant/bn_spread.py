@@ -37,8 +37,12 @@ class SpreadFloor:
                 or x.shape[2] * x.shape[3] > TINY_MAP_PIXELS or x.shape[0] < 2):
             return None
         with torch.no_grad():
-            var, mean = torch.var_mean(x.float(), (0, 2, 3), unbiased=False, keepdim=True)
-            sigma = torch.sqrt(var + bn.eps)
+            # BatchNorm's own statistics kernel: 3-5x faster on a CPU than a strided var_mean
+            # over (0, 2, 3) (its normalised output is not used)
+            _, mean, invstd = torch.ops.aten._native_batch_norm_legit(
+                x.float(), None, None, True, 0.0, bn.eps)
+            mean, sigma = mean.reshape(1, -1, 1, 1), invstd.reciprocal().reshape(1, -1, 1, 1)
+            var = (sigma.square() - bn.eps).clamp_min(0.0)  # the biased batch variance
             floor = SPREAD_FLOOR * sigma.median()
             below = sigma < floor
             if (x.device.type == "cpu" and not torch.compiler.is_compiling()
