@@ -40,9 +40,8 @@ class SpreadFloor:
             # BatchNorm's own statistics kernel: 3-5x faster on a CPU than a strided var_mean
             # over (0, 2, 3) (its normalised output is not used)
             _, mean, invstd = torch.ops.aten._native_batch_norm_legit(
-                x.float(), None, None, True, 0.0, bn.eps)
-            mean, sigma = mean.reshape(1, -1, 1, 1), invstd.reciprocal().reshape(1, -1, 1, 1)
-            var = (sigma.square() - bn.eps).clamp_min(0.0)  # the biased batch variance
+                x if x.dtype == torch.float32 else x.float(), None, None, True, 0.0, bn.eps)
+            sigma = invstd.reciprocal()
             floor = SPREAD_FLOOR * sigma.median()
             below = sigma < floor
             if (x.device.type == "cpu" and not torch.compiler.is_compiling()
@@ -51,6 +50,9 @@ class SpreadFloor:
                 # and spares four passes over the activation and their backward (on a GPU it
                 # would wait for the device, and compiled it would break the graph)
                 return None
+            mean, sigma = mean.reshape(1, -1, 1, 1), sigma.reshape(1, -1, 1, 1)
+            below = below.reshape(1, -1, 1, 1)
+            var = (sigma.square() - bn.eps).clamp_min(0.0)  # the biased batch variance
             # standard BatchNorm of mean + k (x - mean) divides x - mean by sqrt(k^2 var + eps)
             # / k; this k makes that exactly the floor
             k = torch.sqrt(bn.eps / (floor**2 - var).clamp_min(bn.eps))
