@@ -50,8 +50,10 @@ def _along(t, x, axis: int | None):
     return t.reshape(shape)
 
 
-def _floored(scale, floor):
-    """The step in use: ``scale`` wherever it is at or above ``floor``, else the floor."""
+def floored_step(scale, floor):
+    """The step in use: ``scale`` wherever it is at or above ``floor``, else the floor (which
+    gets no gradient). The one place the step floor is applied: the fused kernels, the traced
+    expression and :meth:`~mecqtk.quant.quantizers.FakeQuantizer.step_size` all call it."""
     return scale if floor is None else torch.where(scale >= floor, scale, floor)
 
 
@@ -61,7 +63,7 @@ def _forward_kernel(x, scale, floor, zero_point, qmin: int, qmax: int, axis: int
     ``code_dtype`` is given, the codes ``q - zero_point`` in that integer type, written by the
     same loop (see :mod:`mecqtk.quant.saved_codes`)."""
     scale, floor, zero_point = (_along(t, x, axis) for t in (scale, floor, zero_point))
-    step = _floored(scale, floor)
+    step = floored_step(scale, floor)
     codes = torch.round(x / step)
     if zero_point is not None:
         codes = codes + zero_point
@@ -81,7 +83,7 @@ def _backward_kernel(grad, x, scale, floor, zero_point, qmin: int, qmax: int,
                      need_x: bool, need_scale: bool, need_zp: bool):
     shapes = (scale.shape, None if zero_point is None else zero_point.shape)
     scale, floor, zero_point = (_along(t, x, axis) for t in (scale, floor, zero_point))
-    step = _floored(scale, floor)
+    step = floored_step(scale, floor)
     # x / step again, the same float32 division as the forward: bit for bit its value (saving
     # the input instead of the quotient costs no memory where the input is kept anyway, by an
     # in-place ReLU before the quantizer, say; a saved quotient was a second activation-sized
@@ -196,8 +198,7 @@ def _traceable_fake_quantize(x, scale, zero_point, qmin: int, qmax: int, grad_sc
     whatever order the fused reduction takes.
     """
     scale, floor, zero_point = (_along(t, x, axis) for t in (scale, floor, zero_point))
-    if floor is not None:
-        scale = torch.where(scale >= floor, scale, floor)
+    scale = floored_step(scale, floor)
     step = scale.detach()
     scaled = x.detach() / step
     if zero_point is None:

@@ -7,7 +7,7 @@ from enum import Enum
 import torch
 from torch import nn
 
-from mecqtk.quant.arith import fake_quantize, integer_range, lsq_grad_scale
+from mecqtk.quant.arith import fake_quantize, floored_step, integer_range, lsq_grad_scale
 from mecqtk.quant.observers import MIN_STEP, Observer
 from mecqtk.quant.registry import OBSERVERS, QUANTIZERS, register_quantizer
 from mecqtk.quant.spec import QuantSpec
@@ -85,8 +85,7 @@ class FakeQuantizer(nn.Module):
         """The step size in use: the learned one (with its LSQ gradient) wherever it is at or
         above its floor, else the floor, so the forward stays valid even in a training loop
         that never calls :meth:`keep_step_valid`."""
-        floor = self.step_floor.to(self.scale)
-        return torch.where(self.scale >= floor, self.scale, floor)
+        return floored_step(self.scale, self.step_floor.to(self.scale))
 
     def keep_step_valid(self) -> None:
         """Project the learned step back onto ``[step_floor, inf)`` after an optimizer update
