@@ -15,6 +15,7 @@ import warnings
 import torch
 
 from mecqtk.quant import saved_codes
+from mecqtk.quant.precompiled import PrecompiledKernel
 
 
 def integer_range(bits: int, signed: bool) -> tuple[int, int]:
@@ -79,8 +80,7 @@ def _decode_kernel(codes, scale):
 
 
 def _backward_kernel(grad, x, scale, floor, zero_point, qmin: int, qmax: int,
-                     axis: int | None, grad_scale: float,
-                     need_x: bool, need_scale: bool, need_zp: bool):
+                     axis: int | None, need_x: bool, need_scale: bool, need_zp: bool):
     shapes = (scale.shape, None if zero_point is None else zero_point.shape)
     scale, floor, zero_point = (_along(t, x, axis) for t in (scale, floor, zero_point))
     step = floored_step(scale, floor)
@@ -91,8 +91,9 @@ def _backward_kernel(grad, x, scale, floor, zero_point, qmin: int, qmax: int,
     scaled = x / step
     # Inside the range (in code space, round(x/s) + z in [qmin, qmax], LSQ's -Qn <= x/s <= Qp):
     # straight-through for x and round(x/s) - x/s for s. Outside: zero for x, the clamped code
-    # (bound - z) for s, and -s for z. All step and zero-point gradients are scaled by LSQ's
-    # grad_scale; a step held at its floor gets none (the floor is a constant).
+    # (bound - z) for s, and -s for z. A step held at its floor gets none (the floor is a
+    # constant). The caller applies LSQ's gradient scale to the reduced step and zero-point
+    # gradients (as a constant of the kernel it would compile one kernel per layer).
     if zero_point is None:
         low, high = qmin, qmax
     else:
@@ -103,18 +104,19 @@ def _backward_kernel(grad, x, scale, floor, zero_point, qmin: int, qmax: int,
     grad_step = grad_zp = None
     if need_scale:
         d_scale = (torch.round(clamped) - torch.where(inside, scaled, 0.0)) * grad
-        grad_step = _reduce_to(d_scale, scale.shape) * grad_scale
+        grad_step = _reduce_to(d_scale, scale.shape)
         if floor is not None:
             grad_step = torch.where(scale >= floor, grad_step, 0.0)
         grad_step = grad_step.reshape(shapes[0])
     if need_zp:
-        grad_zp = _reduce_to(torch.where(inside, 0.0, -step) * grad, zero_point.shape) * grad_scale
+        grad_zp = _reduce_to(torch.where(inside, 0.0, -step) * grad, zero_point.shape)
         grad_zp = grad_zp.reshape(shapes[1])
     return grad_x, grad_step, grad_zp
 
 
 _EAGER_KERNELS = {"forward": _forward_kernel, "backward": _backward_kernel,
                   "decode": _decode_kernel}
+_AXIS_ARGUMENT = {"forward": 6, "backward": 7}  # where each kernel takes its channel axis
 _kernels = dict(_EAGER_KERNELS)
 _compiled_kernels: dict | None = None  # built on first use, kept for the process
 
@@ -135,11 +137,12 @@ def use_compiled_kernels(enabled: bool = True) -> bool:
         # one compiled variant per (rank, granularity, zero point, needed gradients): a dozen
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         try:
-            compiled = {name: torch.compile(kernel, dynamic=True)
+            compiled = {name: PrecompiledKernel(kernel, torch.compile(kernel, dynamic=True),
+                                                axis_arg=_AXIS_ARGUMENT.get(name))
                         for name, kernel in _EAGER_KERNELS.items()}
             probe = torch.randn(4, 3, 2)
             compiled["forward"](probe, torch.tensor(0.5), None, None, -2, 1)
-            compiled["backward"](probe, probe, torch.tensor(0.5), None, None, -2, 1, None, 1.0,
+            compiled["backward"](probe, probe, torch.tensor(0.5), None, None, -2, 1, None,
                                  True, True, False)
         except Exception as err:  # a missing compiler must not stop training
             warnings.warn(f"torch.compile unavailable for fake-quant ({err}); using eager "
@@ -163,7 +166,8 @@ class _FakeQuantize(torch.autograd.Function):
         out, step, codes = _kernels["forward"](x, scale, floor, zero_point, qmin, qmax, axis,
                                                code_dtype)
         ctx.save_for_backward(x, scale, floor, zero_point)
-        ctx.bounds = (qmin, qmax, axis, grad_scale)
+        ctx.bounds = (qmin, qmax, axis)
+        ctx.grad_scale = grad_scale
         # the step and the codes get no gradient: no zeros materialised for them
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(step)
@@ -181,6 +185,12 @@ class _FakeQuantize(torch.autograd.Function):
             grad_out, x, scale, floor, zero_point, *ctx.bounds,
             need_x, need_scale, need_zp and zero_point is not None,
         )
+        # LSQ's gradient scale, on the reduced (per-step) gradients: the same float32 products
+        # the kernel would compute
+        if grad_s is not None:
+            grad_s = grad_s * ctx.grad_scale
+        if grad_zp is not None:
+            grad_zp = grad_zp * ctx.grad_scale
         return grad_x, grad_s, None, grad_zp, None, None, None, None, None
 
 

@@ -1,0 +1,135 @@
+"""Small elementwise kernels compiled by inductor once per call signature, then called directly.
+
+A ``torch.compile``'d function pays dynamo's frame evaluation, guard checks and AOTAutograd's
+runtime wrappers on every call: about 50 us on a CPU, four times the fused loop itself on an
+activation at batch 2. A QAT step calls the fake-quant kernels three times per quantizer
+(forward, backward, and rebuilding the saved codes), so at small batches, on any device, that
+wrapper was a large share of the step. Here each kernel is traced once per *signature* (the
+non-tensor arguments, and each tensor's dtype, rank, memory layout and device) into a graph
+with symbolic sizes, compiled by inductor (``torch._inductor.standalone_compile``), and called
+without dynamo: about 15 us a call.
+
+Safety rests on inductor's own input checks: the compiled code asserts each input's sizes and
+strides against the traced layout, so a call it was not built for (a stride pattern not seen
+before, a size-1 dimension with an unusual stride) raises before computing anything, and that
+call runs the ``fallback`` (the ``torch.compile``'d kernel, which handles every layout).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+# example sizes for tracing: distinct, and none 0 or 1, so that the traced graph specialises
+# on no size (a size-1 dimension would be traced as a broadcast)
+_PRIMES = (3, 5, 7, 11, 13, 17, 19, 23)
+
+
+def _layout(t: torch.Tensor) -> str | None:
+    """The memory layout the kernel is compiled for, or None for one it is not."""
+    if t.is_contiguous():
+        return "contiguous"
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return "channels_last"
+    return None
+
+
+def _example_like(t: torch.Tensor, sizes: dict[int, int], reference: torch.Tensor | None,
+                  axis: int | None) -> torch.Tensor:
+    """A tensor of ``t``'s dtype, device and layout whose sizes keep exactly the relations the
+    kernel relies on: a size-1 dimension stays 1 (a broadcast), a dimension that matches the
+    reference tensor's (the data) takes the same example size, all others distinct ones."""
+    if reference is None or t.shape == reference.shape:
+        shape = [sizes[i] for i in range(t.dim())]
+    elif t.dim() == 1 and axis is not None and t.shape[0] == reference.shape[axis]:
+        shape = [sizes[axis % reference.dim()]]  # one value per channel along ``axis``
+    else:
+        lead = reference.dim() - t.dim()
+        shape = [1 if n == 1 else sizes[lead + i] for i, n in enumerate(t.shape)]
+    example = torch.zeros(shape, dtype=t.dtype, device=t.device)
+    if _layout(t) == "channels_last":
+        example = example.contiguous(memory_format=torch.channels_last)
+    return example
+
+
+class PrecompiledKernel:
+    """``kernel`` compiled per signature by inductor and called without dynamo.
+
+    ``kernel``'s tensor arguments are the inputs of the compiled graph; its other arguments
+    (ints, bools, dtypes, None: a few distinct values each) are constants of it and part of the
+    signature. The first argument is the data tensor, the one whose sizes vary; ``axis_arg`` is
+    the position of the channel-axis argument, if any (per-channel tensors have the data's size
+    along it). ``fallback`` runs the calls no graph was compiled for.
+    """
+
+    def __init__(self, kernel: Callable, fallback: Callable, axis_arg: int | None = None):
+        self.kernel = kernel
+        self.fallback = fallback
+        self.axis_arg = axis_arg
+        self.compiled: dict[tuple, Callable | None] = {}
+
+    @staticmethod
+    def _signature(args: Sequence[Any]) -> tuple | None:
+        data_shape = args[0].shape
+        key = []
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                if a.is_contiguous():
+                    layout = "contiguous"
+                else:
+                    layout = _layout(a)
+                    if layout is None:
+                        return None
+                key.append((a.dtype, a.dim(), layout, a.device.type, a.shape == data_shape))
+            else:
+                key.append(a)
+        return tuple(key)
+
+    def _compile(self, args: Sequence[Any]) -> Callable | None:
+        data = args[0]
+        axis = None  # the channel axis, where the kernel takes one (and it was passed)
+        if self.axis_arg is not None and self.axis_arg < len(args):
+            axis = args[self.axis_arg]
+        sizes = dict(enumerate(_PRIMES[:data.dim()]))
+        slots = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+        examples = [_example_like(args[i], sizes, None if i == 0 else data, axis) for i in slots]
+
+        def traced(*inputs):
+            full = list(args)
+            for i, t in zip(slots, inputs, strict=True):
+                full[i] = t
+            return self.kernel(*full)
+
+        try:
+            graph = make_fx(traced, tracing_mode="symbolic")(*examples)
+            return torch._inductor.standalone_compile(graph, examples,
+                                                      dynamic_shapes="from_graph")
+        except Exception as err:  # an older torch, no compiler: the fallback serves
+            warnings.warn(f"inductor precompilation of {self.kernel.__name__} failed ({err}); "
+                          "using torch.compile", stacklevel=3)
+            return None
+
+    def __call__(self, *args: Any) -> Any:
+        key = self._signature(args)
+        compiled = self.compiled.get(key) if key is not None else None
+        if compiled is None:
+            if key is None or key in self.compiled:
+                return self.fallback(*args)
+            compiled = self.compiled[key] = self._compile(args)
+            if compiled is None:
+                return self.fallback(*args)
+        try:
+            out = compiled(*(a for a in args if isinstance(a, torch.Tensor)))
+        except AssertionError:  # sizes or strides it was not compiled for
+            return self.fallback(*args)
+        return tuple(out) if isinstance(out, list) else out
+
+
+def signatures_compiled(kernels: Sequence[PrecompiledKernel]) -> int:
+    """How many graphs ``kernels`` have compiled so far (for progress and tests)."""
+    return sum(1 for k in kernels for v in k.compiled.values() if v is not None)
+
