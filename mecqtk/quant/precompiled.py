@@ -119,14 +119,57 @@ class PrecompiledKernel:
         if compiled is None:
             if key is None or key in self.compiled:
                 return self.fallback(*args)
-            compiled = self.compiled[key] = self._compile(args)
-            if compiled is None:
-                return self.fallback(*args)
+            return self._first_call(key, args)
         try:
             out = compiled(*(a for a in args if isinstance(a, torch.Tensor)))
         except AssertionError:  # sizes or strides it was not compiled for
             return self.fallback(*args)
         return tuple(out) if isinstance(out, list) else out
+
+    def _first_call(self, key: tuple, args: Sequence[Any]) -> Any:
+        """Compile for a new signature, and check the graph on its first inputs against the
+        eager kernel: a graph that computes anything else is never used."""
+        compiled = self.compiled[key] = self._compile(args)
+        expected = self.kernel(*args)
+        if compiled is None:
+            return expected
+        try:
+            out = compiled(*(a for a in args if isinstance(a, torch.Tensor)))
+            out = tuple(out) if isinstance(out, list) else out
+            problem = _disagreement(out, expected, args[0].shape)
+        except Exception as err:
+            problem = f"it failed: {err}"
+        if problem is None:
+            return out
+        self.compiled[key] = None
+        warnings.warn(f"the precompiled {self.kernel.__name__} is not used for {key}: {problem}",
+                      stacklevel=3)
+        return expected
+
+
+def _disagreement(out: Any, expected: Any, data_shape: torch.Size) -> str | None:
+    """How ``out`` differs from ``expected``, or None. Outputs shaped like the data are
+    elementwise and must be equal bit for bit; others are sums, whose order may differ."""
+    outs = out if isinstance(out, tuple) else (out,)
+    refs = expected if isinstance(expected, tuple) else (expected,)
+    if len(outs) != len(refs):
+        return f"{len(outs)} outputs, not {len(refs)}"
+    for i, (a, b) in enumerate(zip(outs, refs, strict=True)):
+        if a is None or b is None:
+            if (a is None) != (b is None):
+                return f"output {i} is {'None' if a is None else 'a tensor'}"
+            continue
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return f"output {i} is {a.dtype} {tuple(a.shape)}, not {b.dtype} {tuple(b.shape)}"
+        if a.shape == data_shape:
+            same = torch.equal(a, b)
+        else:
+            tolerance = 1e-5 * (1.0 + float(b.abs().amax())) if b.numel() else 0.0
+            same = torch.allclose(a, b, rtol=1e-3, atol=tolerance)
+        if not same:
+            worst = float((a.double() - b.double()).abs().amax())
+            return f"output {i} differs by up to {worst:.3g}"
+    return None
 
 
 def signatures_compiled(kernels: Sequence[PrecompiledKernel]) -> int:

@@ -104,3 +104,20 @@ def test_inputs_a_graph_was_not_built_for_run_the_fallback():
     assert forward.fallback.calls == 2 and len(forward.compiled) == 1
     assert torch.equal(out, arith._forward_kernel(x, per_channel, None, None, 0, 3, None,
                                                   None)[0])
+
+
+def test_a_graph_that_disagrees_with_the_eager_kernel_is_never_used():
+    """Each new signature's graph is checked on its first inputs against the eager kernel."""
+    traced = []
+
+    def kernel(x, scale):  # traced once (doubles), then run eagerly (does not)
+        traced.append(True)
+        return x * scale * (2.0 if len(traced) == 1 else 1.0)
+
+    fallback = _Counting(lambda x, scale: x * scale)
+    precompiled = PrecompiledKernel(kernel, fallback)
+    x, scale = torch.randn(4, 5), torch.tensor(3.0)
+    with pytest.warns(UserWarning, match="output 0 differs"):
+        assert torch.equal(precompiled(x, scale), x * scale)
+    assert list(precompiled.compiled.values()) == [None]
+    assert torch.equal(precompiled(x, scale), x * scale) and fallback.calls == 1
