@@ -7,7 +7,9 @@ A configuration is ``[model/]variant[+flag...]``:
   the MEC variants of ``w2a2`` (``qat_lsq`` is ``w2a2``; ``qat_lsq_mec``, ``..._k4``, ...);
 - flags: ``compile`` (torch.compile of the whole model, as ``train.compile_model`` does),
   ``cudagraphs`` (compile with mode reduce-overhead), ``bf16`` (autocast), ``cl``
-  (channels_last), ``eager`` (mecqtk's fake-quant without its separately compiled kernels).
+  (channels_last), ``eager`` (mecqtk's fake-quant without its separately compiled kernels),
+  ``dynamo`` (those kernels called through ``torch.compile``'s per-call wrappers, as before
+  ``quant/precompiled.py``).
 
 Without ``model/``, a configuration runs for every ``--models``. All configurations of a model
 are built in one process and their timed steps interleaved (one step of each in turn), so a
@@ -71,7 +73,7 @@ VARIANTS: dict[str, tuple[str, MECConfig] | None] = {
     "qat_lsq_mec_teacher_k4": ("w2a2_lsq", MECConfig(enabled=True, view="teacher", experts=4)),
     "fx_w8a8": None,
 }
-FLAGS = ("compile", "cudagraphs", "bf16", "cl", "eager")
+FLAGS = ("compile", "cudagraphs", "bf16", "cl", "eager", "dynamo")
 CPU_DEFAULT = ["fp", "qat_lsq", "qat_lsq_mec", "qat_lsq_mec_k4", "qat_lsq_mec_teacher",
                "qat_lsq_mec_teacher_k4"]
 
@@ -188,7 +190,7 @@ class Subject:
     graph_breaks: int = 0
 
     def run(self, count: int) -> None:
-        use_compiled_kernels(self.compiled_kernels)
+        use_compiled_kernels(self.compiled_kernels, direct="dynamo" not in self.config.flags)
         train_one_epoch(self.step, self.batches * count, epoch=0, start_step=self.steps_done)
         self.steps_done += count
 
@@ -225,7 +227,8 @@ def measure(configs: list[Config], batch: int, size: int, steps: int, warmup: in
     subjects = []
     for config in configs:
         breaks_before = graph_breaks()
-        compiled_kernels = use_compiled_kernels("eager" not in config.flags)
+        compiled_kernels = use_compiled_kernels("eager" not in config.flags,
+                                                direct="dynamo" not in config.flags)
         step, batches = build_step(config, batch, size, device)
         subject = Subject(config, step, batches, compiled_kernels)
         started = time.perf_counter()

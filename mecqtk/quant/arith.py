@@ -121,11 +121,13 @@ _kernels = dict(_EAGER_KERNELS)
 _compiled_kernels: dict | None = None  # built on first use, kept for the process
 
 
-def use_compiled_kernels(enabled: bool = True) -> bool:
-    """Run the fake-quant arithmetic through ``torch.compile`` (one fused loop per direction).
+def use_compiled_kernels(enabled: bool = True, *, direct: bool = True) -> bool:
+    """Run the fake-quant arithmetic through inductor (one fused loop per direction).
 
     The compiled kernels give bit-identical results (tested) and make fake-quant nearly free on
     CPU and GPU; compiling costs seconds once per process (switching back and forth is free).
+    ``direct``: call each compiled graph without dynamo (:mod:`mecqtk.quant.precompiled`);
+    False calls the ``torch.compile``'d kernels, wrappers and all (for benchmarks).
     Returns whether compiled kernels are now in use: on any compile failure (no C++ compiler,
     say) mecqtk stays on the eager kernels.
     """
@@ -149,7 +151,8 @@ def use_compiled_kernels(enabled: bool = True) -> bool:
                           "kernels", stacklevel=2)
             return use_compiled_kernels(False)
         _compiled_kernels = compiled
-    _kernels.update(_compiled_kernels)
+    _kernels.update(_compiled_kernels if direct else
+                    {name: kernel.fallback for name, kernel in _compiled_kernels.items()})
     return True
 
 

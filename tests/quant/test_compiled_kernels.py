@@ -4,9 +4,11 @@ import torch
 from mecqtk.quant import arith
 
 
-@pytest.fixture
-def compiled():
-    if not arith.use_compiled_kernels(True):
+@pytest.fixture(params=["direct", "dynamo"])
+def compiled(request):
+    """The compiled kernels, called directly (the default) or through torch.compile (what a
+    layout no graph was built for falls back to)."""
+    if not arith.use_compiled_kernels(True, direct=request.param == "direct"):
         pytest.skip("torch.compile is not available on this machine")
     yield
     arith.use_compiled_kernels(False)
