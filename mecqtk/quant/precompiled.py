@@ -61,9 +61,10 @@ class PrecompiledKernel:
 
     ``kernel``'s tensor arguments are the inputs of the compiled graph; its other arguments
     (ints, bools, dtypes, None: a few distinct values each) are constants of it and part of the
-    signature. The first argument is the data tensor, the one whose sizes vary; ``axis_arg`` is
-    the position of the channel-axis argument, if any (per-channel tensors have the data's size
-    along it). ``fallback`` runs the calls no graph was compiled for.
+    signature, as are each tensor's dtype, rank, layout and device (a graph launches on the
+    device it was built for). The first argument is the data tensor, the one whose sizes vary;
+    ``axis_arg`` is the position of the channel-axis argument, if any (per-channel tensors have
+    the data's size along it). ``fallback`` runs the calls no graph was compiled for.
     """
 
     def __init__(self, kernel: Callable, fallback: Callable, axis_arg: int | None = None):
@@ -84,7 +85,7 @@ class PrecompiledKernel:
                     layout = _layout(a)
                     if layout is None:
                         return None
-                key.append((a.dtype, a.dim(), layout, a.device.type, a.shape == data_shape))
+                key.append((a.dtype, a.dim(), layout, a.device, a.shape == data_shape))
             else:
                 key.append(a)
         return tuple(key)
