@@ -29,20 +29,37 @@ from torch.fx.experimental.proxy_tensor import make_fx
 _PRIMES = (3, 5, 7, 11, 13, 17, 19, 23)
 
 
-def _layout(t: torch.Tensor) -> str | None:
-    """The memory layout the kernel is compiled for, or None for one it is not."""
+def _layout(t: torch.Tensor) -> str | tuple | None:
+    """The memory layout a graph is built for: ``"contiguous"``, ``"channels_last"``, or, for
+    another strided tensor, the order of its strides (innermost first), whether each stride
+    spans the dimensions inside it exactly or leaves a gap (a slice of a larger tensor: the
+    query of a fused qkv projection, say), and its broadcast (stride-0) dimensions, such as an
+    expanded class token. Size-1 dimensions, whose stride is never used, are left out. None
+    for overlapping memory, which no graph is built for."""
     if t.is_contiguous():
         return "contiguous"
     if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
         return "channels_last"
-    return None
+    sizes, strides = t.shape, t.stride()
+    strided = [d for d in range(t.dim()) if sizes[d] != 1 and strides[d] != 0]
+    order = tuple(sorted(strided, key=strides.__getitem__))
+    span, dense = 1, []
+    for d in order:
+        if strides[d] < span:
+            return None
+        dense.append(strides[d] == span)
+        span = strides[d] * sizes[d]
+    broadcast = tuple(d for d in range(t.dim()) if strides[d] == 0 and sizes[d] != 1)
+    return order, tuple(dense), broadcast
 
 
 def _example_like(t: torch.Tensor, sizes: dict[int, int], reference: torch.Tensor | None,
                   axis: int | None) -> torch.Tensor:
     """A tensor of ``t``'s dtype, device and layout whose sizes keep exactly the relations the
     kernel relies on: a size-1 dimension stays 1 (a broadcast), a dimension that matches the
-    reference tensor's (the data) takes the same example size, all others distinct ones."""
+    reference tensor's (the data) takes the same example size, all others distinct ones. A
+    strided layout keeps its stride order, gaps (which trace as stride symbols of their own) and
+    broadcast dimensions."""
     if reference is None or t.shape == reference.shape:
         shape = [sizes[i] for i in range(t.dim())]
     elif t.dim() == 1 and axis is not None and t.shape[0] == reference.shape[axis]:
@@ -50,8 +67,20 @@ def _example_like(t: torch.Tensor, sizes: dict[int, int], reference: torch.Tenso
     else:
         lead = reference.dim() - t.dim()
         shape = [1 if n == 1 else sizes[lead + i] for i, n in enumerate(t.shape)]
+    layout = _layout(t)
+    if isinstance(layout, tuple):
+        order, dense, broadcast = layout
+        strides, span = [0] * t.dim(), 1
+        for d, exact in zip(order, dense, strict=True):
+            strides[d] = span if exact else 2 * span
+            span = strides[d] * shape[d]
+        for d in range(t.dim()):  # the size-1 dimensions of t, outermost
+            if d not in order and d not in broadcast:
+                strides[d] = span
+                span *= shape[d]
+        return torch.zeros(span, dtype=t.dtype, device=t.device).as_strided(shape, strides)
     example = torch.zeros(shape, dtype=t.dtype, device=t.device)
-    if _layout(t) == "channels_last":
+    if layout == "channels_last":
         example = example.contiguous(memory_format=torch.channels_last)
     return example
 
@@ -72,6 +101,7 @@ class PrecompiledKernel:
         self.fallback = fallback
         self.axis_arg = axis_arg
         self.compiled: dict[tuple, Callable | None] = {}
+        self.fallback_calls = 0  # calls no graph served (a step of a zoo model makes none)
 
     @staticmethod
     def _signature(args: Sequence[Any]) -> tuple | None:
@@ -119,11 +149,13 @@ class PrecompiledKernel:
         compiled = self.compiled.get(key) if key is not None else None
         if compiled is None:
             if key is None or key in self.compiled:
+                self.fallback_calls += 1
                 return self.fallback(*args)
             return self._first_call(key, args)
         try:
             out = compiled(*(a for a in args if isinstance(a, torch.Tensor)))
         except AssertionError:  # sizes or strides it was not compiled for
+            self.fallback_calls += 1
             return self.fallback(*args)
         return tuple(out) if isinstance(out, list) else out
 

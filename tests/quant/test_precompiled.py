@@ -2,9 +2,11 @@
 eager kernels compute, on every layout, and never run a graph on inputs it was not built for."""
 
 import pytest
+import timm
 import torch
 
-from mecqtk.quant import arith
+import mecqtk
+from mecqtk.quant import arith, saved_codes
 from mecqtk.quant.precompiled import PrecompiledKernel
 
 
@@ -41,6 +43,13 @@ def _cases():
          torch.tensor(0.3), None, None, -2, 1, None),
         ("pooled", rand(3, 16, 1, 1), torch.tensor(0.2), None, None, -8, 7, None),
         ("tokens", rand(2, 9, 12), torch.tensor(0.1), None, None, -8, 7, None),
+        # timm's attention: q, k, v are slices of one fused projection, permuted
+        ("attention_query", rand(2, 9, 3, 4, 8).permute(2, 0, 3, 1, 4)[0], torch.tensor(0.1),
+         None, None, -2, 1, None),
+        ("transposed", rand(2, 9, 12).transpose(1, 2), torch.tensor(0.1), None, None, -2, 1,
+         None),
+        ("class_token", rand(1, 1, 12).expand(3, 1, 12), torch.tensor(0.1), None, None, -2, 1,
+         None),
         ("zero_point", rand(4, 10) + 1, torch.tensor(0.02), None, torch.tensor(37.0), 0, 255,
          None),
         ("conv_weight", rand(16, 8, 3, 3), torch.rand(16, generator=g) * 0.3 + 0.05,
@@ -90,10 +99,10 @@ def test_one_graph_serves_every_size_and_a_new_layout_gets_its_own():
 def test_inputs_a_graph_was_not_built_for_run_the_fallback():
     forward, _ = _kernels()
     scale = torch.tensor(0.25)
-    transposed = torch.randn(4, 6, 5, 3).transpose(1, 2)  # neither contiguous nor channels_last
-    out = forward(transposed, scale, None, None, 0, 3, None, None)[0]
+    overlapping = torch.randn(40).as_strided((4, 6, 5), (2, 3, 1))  # elements shared
+    out = forward(overlapping, scale, None, None, 0, 3, None, None)[0]
     assert forward.fallback.calls == 1 and not forward.compiled
-    assert torch.equal(out, arith._forward_kernel(transposed, scale, None, None, 0, 3, None,
+    assert torch.equal(out, arith._forward_kernel(overlapping, scale, None, None, 0, 3, None,
                                                   None)[0])
     # a step compiled as a full broadcast, then handed one value per channel in the same rank
     # (the same signature): inductor's size check refuses the graph, the fallback computes it
@@ -121,3 +130,37 @@ def test_a_graph_that_disagrees_with_the_eager_kernel_is_never_used():
         assert torch.equal(precompiled(x, scale), x * scale)
     assert list(precompiled.compiled.values()) == [None]
     assert torch.equal(precompiled(x, scale), x * scale) and fallback.calls == 1
+
+
+@pytest.mark.parametrize(("model_name", "channels_last"), [
+    ("resnet18", True), ("mobilenetv3_small_100", False), ("vit_tiny_patch16_224", False)])
+def test_a_training_step_of_a_zoo_model_runs_on_precompiled_graphs_only(model_name,
+                                                                        channels_last):
+    """Every fake-quant call of a QAT step (forward, backward, rebuilding the saved codes) is
+    served by a compiled graph: none falls back to the slow path, none was refused."""
+    if not arith.use_compiled_kernels(True):
+        pytest.skip("torch.compile is not available on this machine")
+    try:
+        torch.manual_seed(0)
+        extra = {"img_size": 32} if model_name.startswith("vit") else {}
+        model = timm.create_model(model_name, num_classes=10, **extra)
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        images = torch.randn(4, 3, 32, 32).to(memory_format=memory_format)
+        qmodel = mecqtk.prepare(model, mecqtk.load_recipe("w2a2_lsq.yaml"))
+        qmodel = qmodel.to(memory_format=memory_format)
+        mecqtk.calibrate(qmodel, [images])
+        kernels = arith._compiled_kernels
+        before = {name: kernel.fallback_calls for name, kernel in kernels.items()}
+        qmodel.train()
+        with saved_codes.codes_for_backward():
+            loss = qmodel(images).logsumexp(dim=1).mean()
+        loss.backward()
+        for name, kernel in kernels.items():
+            assert kernel.fallback_calls == before[name], name
+            assert None not in kernel.compiled.values(), name
+        if channels_last:
+            layouts = {part[2] for key in kernels["forward"].compiled for part in key
+                       if isinstance(part, tuple)}
+            assert "channels_last" in layouts
+    finally:
+        arith.use_compiled_kernels(False)
