@@ -7,12 +7,14 @@ activation at batch 2. A QAT step calls the fake-quant kernels three times per q
 wrapper was a large share of the step. Here each kernel is traced once per *signature* (the
 non-tensor arguments, and each tensor's dtype, rank, memory layout and device) into a graph
 with symbolic sizes, compiled by inductor (``torch._inductor.standalone_compile``), and called
-without dynamo: about 15 us a call.
+without dynamo: a forward call on such an activation costs 28-39 us instead of 61 us.
 
-Safety rests on inductor's own input checks: the compiled code asserts each input's sizes and
-strides against the traced layout, so a call it was not built for (a stride pattern not seen
-before, a size-1 dimension with an unusual stride) raises before computing anything, and that
-call runs the ``fallback`` (the ``torch.compile``'d kernel, which handles every layout).
+Safety does not rest on this module's bookkeeping alone. Inductor's compiled code asserts each
+input's sizes and strides against the traced layout, so a call a graph was not built for raises
+before computing anything, and that call runs the ``fallback`` (the ``torch.compile``'d kernel,
+which handles every layout). And each new signature's graph is checked on its first inputs
+against the eager kernel (elementwise outputs bit for bit); a graph that disagrees is never
+used.
 """
 
 from __future__ import annotations
@@ -127,7 +129,6 @@ class PrecompiledKernel:
             axis = args[self.axis_arg]
         sizes = dict(enumerate(_PRIMES[:data.dim()]))
         slots = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
-        examples = [_example_like(args[i], sizes, None if i == 0 else data, axis) for i in slots]
 
         def traced(*inputs):
             full = list(args)
@@ -136,6 +137,8 @@ class PrecompiledKernel:
             return self.kernel(*full)
 
         try:
+            examples = [_example_like(args[i], sizes, None if i == 0 else data, axis)
+                        for i in slots]
             graph = make_fx(traced, tracing_mode="symbolic")(*examples)
             return torch._inductor.standalone_compile(graph, examples,
                                                       dynamic_shapes="from_graph")
