@@ -164,3 +164,13 @@ def test_a_training_step_of_a_zoo_model_runs_on_precompiled_graphs_only(model_na
             assert "channels_last" in layouts
     finally:
         arith.use_compiled_kernels(False)
+
+
+def test_a_signature_inductor_cannot_build_for_warns_once_and_runs_the_fallback():
+    forward, _ = _kernels()
+    x, scale = torch.randn([2] * 9), torch.tensor(0.25)  # more dimensions than example sizes
+    expected = arith._forward_kernel(x, scale, None, None, 0, 3, None, None)[0]
+    with pytest.warns(UserWarning, match="precompilation of _forward_kernel failed"):
+        assert torch.equal(forward(x, scale, None, None, 0, 3, None, None)[0], expected)
+    assert torch.equal(forward(x, scale, None, None, 0, 3, None, None)[0], expected)
+    assert list(forward.compiled.values()) == [None] and forward.fallback.calls == 1
