@@ -111,12 +111,9 @@ class PrecompiledKernel:
         key = []
         for a in args:
             if isinstance(a, torch.Tensor):
-                if a.is_contiguous():
-                    layout = "contiguous"
-                else:
-                    layout = _layout(a)
-                    if layout is None:
-                        return None
+                layout = _layout(a)
+                if layout is None:
+                    return None
                 key.append((a.dtype, a.dim(), layout, a.device, a.shape == data_shape))
             else:
                 key.append(a)
@@ -156,11 +153,10 @@ class PrecompiledKernel:
                 return self.fallback(*args)
             return self._first_call(key, args)
         try:
-            out = compiled(*(a for a in args if isinstance(a, torch.Tensor)))
+            return _run(compiled, args)
         except AssertionError:  # sizes or strides it was not compiled for
             self.fallback_calls += 1
             return self.fallback(*args)
-        return tuple(out) if isinstance(out, list) else out
 
     def _first_call(self, key: tuple, args: Sequence[Any]) -> Any:
         """Compile for a new signature, and check the graph on its first inputs against the
@@ -170,8 +166,7 @@ class PrecompiledKernel:
         if compiled is None:
             return expected
         try:
-            out = compiled(*(a for a in args if isinstance(a, torch.Tensor)))
-            out = tuple(out) if isinstance(out, list) else out
+            out = _run(compiled, args)
             problem = _disagreement(out, expected, args[0].shape)
         except Exception as err:
             problem = f"it failed: {err}"
@@ -181,6 +176,12 @@ class PrecompiledKernel:
         warnings.warn(f"the precompiled {self.kernel.__name__} is not used for {key}: {problem}",
                       stacklevel=3)
         return expected
+
+
+def _run(compiled: Callable, args: Sequence[Any]) -> Any:
+    """A compiled graph on the tensor arguments, its outputs as the kernel returns them."""
+    out = compiled(*(a for a in args if isinstance(a, torch.Tensor)))
+    return tuple(out) if isinstance(out, list) else out
 
 
 def _disagreement(out: Any, expected: Any, data_shape: torch.Size) -> str | None:
@@ -206,9 +207,3 @@ def _disagreement(out: Any, expected: Any, data_shape: torch.Size) -> str | None
             worst = float((a.double() - b.double()).abs().amax())
             return f"output {i} differs by up to {worst:.3g}"
     return None
-
-
-def signatures_compiled(kernels: Sequence[PrecompiledKernel]) -> int:
-    """How many graphs ``kernels`` have compiled so far (for progress and tests)."""
-    return sum(1 for k in kernels for v in k.compiled.values() if v is not None)
-
