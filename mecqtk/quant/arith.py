@@ -61,22 +61,26 @@ def floored_step(scale, floor):
 def _forward_kernel(x, scale, floor, zero_point, qmin: int, qmax: int, axis: int | None = None,
                     code_dtype=None):
     """The fake-quantized ``x``, the step in use (broadcast against ``x``) and, when
-    ``code_dtype`` is given, the codes ``q - zero_point`` in that integer type, written by the
-    same loop (see :mod:`mecqtk.quant.saved_codes`)."""
+    ``code_dtype`` is given, the grid integers ``q`` (in ``[qmin, qmax]``, before the zero point
+    is taken off) in that integer type, written by the same loop (see
+    :mod:`mecqtk.quant.saved_codes`)."""
     scale, floor, zero_point = (_along(t, x, axis) for t in (scale, floor, zero_point))
     step = floored_step(scale, floor)
-    codes = torch.round(x / step)
+    grid = torch.round(x / step)
     if zero_point is not None:
-        codes = codes + zero_point
-    codes = codes.clamp(qmin, qmax)
+        grid = grid + zero_point
+    grid = grid.clamp(qmin, qmax)
+    codes = grid if zero_point is None else grid - zero_point
+    return codes * step, step, None if code_dtype is None else grid.to(code_dtype)
+
+
+def _decode_kernel(grid, scale, zero_point=None):
+    """A saved quantizer output rebuilt from its grid integers: the forward's own float32
+    subtraction and product."""
+    codes = grid.to(torch.float32)
     if zero_point is not None:
         codes = codes - zero_point
-    return codes * step, step, None if code_dtype is None else codes.to(code_dtype)
-
-
-def _decode_kernel(codes, scale):
-    """A saved quantizer output rebuilt from its codes: the forward's own float32 product."""
-    return codes.to(torch.float32) * scale
+    return codes * scale
 
 
 def _backward_kernel(grad, x, scale, floor, zero_point, qmin: int, qmax: int,
@@ -267,12 +271,13 @@ def fake_quantize(
     differentiable = torch.is_grad_enabled() and (
         x.requires_grad or scale.requires_grad
         or (zero_point is not None and zero_point.requires_grad))
-    code_dtype = (saved_codes.code_dtype(qmin, qmax, zero_point)
+    code_dtype = (saved_codes.code_dtype(qmin, qmax)
                   if keep_codes and differentiable and x.dtype == torch.float32 else None)
     out, step, codes = _FakeQuantize.apply(x, scale, floor, zero_point, qmin, qmax, axis,
                                            grad_scale, code_dtype)
     if codes is not None:
-        saved_codes.remember_codes(out, codes, step, _kernels["decode"])
+        saved_codes.remember_codes(out, codes, step, _along(_detached(zero_point), x, axis),
+                                   _kernels["decode"])
     return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -55,9 +56,50 @@ def test_codes_for_backward_gives_the_same_gradients_from_int8_codes(recipe, mon
     for a, b in zip(plain, coded, strict=True):
         assert torch.equal(a, b)  # bit for bit
     # the second conv's and the Linear's quantized inputs were kept as codes: the conv's 4-bit
-    # or 2-bit activations in int8, the last layer's 8-bit unsigned input in int16. The weights
+    # or 2-bit activations in int8, the last layer's 8-bit unsigned input in uint8. The weights
     # were not (their float32 tensor is kept: as codes they would save little and cost a
     # decoding pass per step), nor the image, whose 8-bit quantizer has no learned step.
     dtypes = {t.dim(): t.dtype for t in packed}
-    assert len(packed) == 2 and dtypes == {4: torch.int8, 2: torch.int16}
+    assert len(packed) == 2 and dtypes == {4: torch.int8, 2: torch.uint8}
     assert all(t.shape[0] == 4 for t in packed)
+
+
+def test_zero_point_grids_are_saved_in_one_byte_and_give_the_same_gradients(monkeypatch):
+    """LSQ+ activations (a learned zero point) keep their grid integers q, not q - z (which a
+    learned zero point moves anywhere in [-255, 255] on an 8-bit grid): uint8 on unsigned grids,
+    decoded with the zero point by the forward's own subtraction."""
+    torch.manual_seed(0)
+    recipe = load_recipe("w4a4_lsq")
+    activation = dataclasses.replace(recipe.quant.activation, quantizer="lsq_plus",
+                                     signed="unsigned")
+    recipe = dataclasses.replace(recipe, quant=dataclasses.replace(recipe.quant,
+                                                                   activation=activation))
+    model = prepare(_net(), recipe)
+    x = torch.randn(4, 3, 12, 12)
+    calibrate(model, [x])
+    model.train()
+    with torch.no_grad():  # zero points inside the grid, not at its edge
+        for name, p in model.named_parameters():
+            if name.endswith("offset"):
+                p.fill_(5.0)
+    packed: list[torch.Tensor] = []
+    original = saved_codes._pack
+
+    def recording(tensor: torch.Tensor) -> object:
+        result = original(tensor)
+        if not isinstance(result, torch.Tensor):
+            packed.append(result)
+        return result
+
+    plain = _gradients(model, x, codes=False)
+    monkeypatch.setattr(saved_codes, "_pack", recording)
+    coded = _gradients(model, x, codes=True)
+    assert len(plain) == len(coded) > 0
+    for a, b in zip(plain, coded, strict=True):
+        assert torch.equal(a, b)
+    # the conv's 4-bit input on [0, 15] and the Linear's 8-bit one on [0, 255]
+    dtypes = {grid.dim(): grid.dtype for grid, *_ in packed}
+    assert len(packed) == 2 and dtypes == {4: torch.int8, 2: torch.uint8}
+    assert all(zero_point is not None for _, _, zero_point, *_ in packed)
+    grid, _, zero_point, *_ = next(p for p in packed if p[0].dim() == 4)
+    assert float(zero_point.max()) == 5.0 and int(grid.min()) >= 0 and int(grid.max()) <= 15
