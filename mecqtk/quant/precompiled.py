@@ -127,18 +127,22 @@ class PrecompiledKernel:
         sizes = dict(enumerate(_PRIMES[:data.dim()]))
         slots = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
 
+        returns_tuple = []
+
         def traced(*inputs):
             full = list(args)
             for i, t in zip(slots, inputs, strict=True):
                 full[i] = t
-            return self.kernel(*full)
+            out = self.kernel(*full)
+            returns_tuple.append(isinstance(out, tuple))
+            return out
 
         try:
             examples = [_example_like(args[i], sizes, None if i == 0 else data, axis)
                         for i in slots]
             graph = make_fx(traced, tracing_mode="symbolic")(*examples)
-            return torch._inductor.standalone_compile(graph, examples,
-                                                      dynamic_shapes="from_graph")
+            return _without_wrappers(torch._inductor.standalone_compile(
+                graph, examples, dynamic_shapes="from_graph"), returns_tuple[-1])
         except Exception as err:  # an older torch, no compiler: the fallback serves
             warnings.warn(f"inductor precompilation of {self.kernel.__name__} failed ({err}); "
                           "using torch.compile", stacklevel=3)
@@ -178,6 +182,28 @@ class PrecompiledKernel:
         return expected
 
 
+def _without_wrappers(artifact: Callable, returns_tuple: bool) -> Callable:
+    """The inductor graph inside a ``standalone_compile`` artifact, called with its tensors.
+
+    The artifact wraps the graph in dynamo's disable context and AOTAutograd's runtime wrappers,
+    which these graphs do not need (no mutation, no input aliasing, no autograd): 7-9 us of a
+    19 us call on a batch-2 activation, three calls per quantizer and step. Where this torch
+    nests it differently, the artifact itself is returned (and each graph is still checked on
+    its first call against the eager kernel). ``returns_tuple``: whether the kernel returns a
+    tuple (the bare graph always does) or one tensor."""
+    from torch._inductor.output_code import CompiledFxGraph
+
+    inner = getattr(artifact, "_compiled_fn", None)
+    for _ in range(16):  # a few wrappers deep, each naming the next as ``__wrapped__``
+        if isinstance(inner, CompiledFxGraph) and inner.current_callable is not None:
+            graph = inner
+            if returns_tuple:
+                return lambda *tensors: graph(list(tensors))
+            return lambda *tensors: graph(list(tensors))[0]
+        inner = getattr(inner, "__wrapped__", None)
+    return artifact
+
+
 def _run(compiled: Callable, args: Sequence[Any]) -> Any:
     """A compiled graph on the tensor arguments, its outputs as the kernel returns them."""
     out = compiled(*(a for a in args if isinstance(a, torch.Tensor)))
@@ -187,6 +213,8 @@ def _run(compiled: Callable, args: Sequence[Any]) -> Any:
 def _disagreement(out: Any, expected: Any, data_shape: torch.Size) -> str | None:
     """How ``out`` differs from ``expected``, or None. Outputs shaped like the data are
     elementwise and must be equal bit for bit; others are sums, whose order may differ."""
+    if isinstance(out, tuple) != isinstance(expected, tuple):
+        return f"it returns {type(out).__name__}, not {type(expected).__name__}"
     outs = out if isinstance(out, tuple) else (out,)
     refs = expected if isinstance(expected, tuple) else (expected,)
     if len(outs) != len(refs):

@@ -66,7 +66,7 @@ def test_precompiled_kernels_equal_the_eager_kernels(case):
     _, x, scale, floor, zp, qmin, qmax, axis = case
     forward, backward = _kernels()
     code_dtype = torch.int8 if qmin < 0 else torch.uint8  # saved_codes.code_dtype's choice
-    fast = forward(x, scale, floor, zp, qmin, qmax, axis, code_dtype)
+    fast = quantized = forward(x, scale, floor, zp, qmin, qmax, axis, code_dtype)
     slow = arith._forward_kernel(x, scale, floor, zp, qmin, qmax, axis, code_dtype)
     for a, b in zip(fast, slow, strict=True):
         assert torch.equal(a, b) and a.stride() == b.stride()
@@ -78,9 +78,16 @@ def test_precompiled_kernels_equal_the_eager_kernels(case):
     torch.testing.assert_close(fast[1], slow[1], rtol=1e-5, atol=1e-7)
     if zp is not None:
         torch.testing.assert_close(fast[2], slow[2], rtol=1e-5, atol=1e-7)
+    # the saved codes rebuilt: one tensor (not a tuple), the forward's output bit for bit
+    decode = PrecompiledKernel(arith._decode_kernel, _Counting(arith._decode_kernel))
+    out, step, grid = quantized
+    zero_point = None if zp is None else arith._along(zp, x, axis)
+    for _ in range(2):  # compiled on the first call, then the graph alone
+        rebuilt = decode(grid, step, zero_point)
+        assert isinstance(rebuilt, torch.Tensor) and torch.equal(rebuilt, out)
     # none of it ran the fallback: these are the layouts a QAT step hands the kernels
-    assert forward.fallback.calls == backward.fallback.calls == 0
-    assert len(forward.compiled) == len(backward.compiled) == 1
+    assert forward.fallback.calls == backward.fallback.calls == decode.fallback.calls == 0
+    assert len(forward.compiled) == len(backward.compiled) == len(decode.compiled) == 1
 
 
 def test_one_graph_serves_every_size_and_a_new_layout_gets_its_own():
