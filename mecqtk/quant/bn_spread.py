@@ -22,10 +22,43 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mecqtk.quant.precompiled import PrecompiledKernel
+
 TINY_MAP_PIXELS = 16
 SPREAD_FLOOR = 0.1
 
 BatchNorm = nn.modules.batchnorm._BatchNorm
+
+
+def _floor_terms(mean: torch.Tensor, invstd: torch.Tensor, unbiasing: torch.Tensor,
+                 eps: float, momentum: float | None):
+    """The spread floor of one BatchNorm's batch statistics, per channel: whether any channel is
+    below it, the gain ``k`` and shift ``(1 - k) mean`` that lift those channels onto it (1 and 0
+    elsewhere), and the correction to add to the running variance (None without ``momentum``).
+
+    Standard BatchNorm of ``mean + k (x - mean)`` divides ``x - mean`` by ``sqrt(k^2 var + eps) /
+    k``; this ``k`` makes that exactly the floor. The running variance: BatchNorm's update is
+    ``(1 - m) r + m v`` with the unbiased (``unbiasing`` = count / (count - 1)) shrunk variance
+    ``v``; adding ``m (target - v) / (1 - m)`` to ``r`` first makes it ``(1 - m) r + m target``,
+    so eval mode divides by what training divided by."""
+    sigma = invstd.reciprocal()
+    floor = SPREAD_FLOOR * sigma.median()
+    below = sigma < floor
+    var = (sigma.square() - eps).clamp_min(0.0)  # the biased batch variance
+    k = torch.sqrt(eps / (floor**2 - var).clamp_min(eps))
+    gain = torch.where(below, k, 1.0)
+    shift = torch.where(below, (1.0 - k) * mean, 0.0)
+    correction = None
+    if momentum is not None:
+        unbiased = k**2 * var * unbiasing
+        correction = torch.where(below, (floor**2 - eps - unbiased) * (momentum / (1 - momentum)),
+                                 0.0)
+    return below.any(), gain, shift, correction
+
+
+# about 30 operators on per-channel tensors, as one compiled call: at batch 2 a channel's spread
+# over two samples often falls below the floor, and their dispatch cost 4-7 ms of a resnet18 step
+_floor_terms_kernel = PrecompiledKernel(_floor_terms, _floor_terms)
 
 
 class SpreadFloor:
@@ -41,43 +74,28 @@ class SpreadFloor:
             # over (0, 2, 3) (its normalised output is not used)
             _, mean, invstd = torch.ops.aten._native_batch_norm_legit(
                 x if x.dtype == torch.float32 else x.float(), None, None, True, 0.0, bn.eps)
-            sigma = invstd.reciprocal()
-            floor = SPREAD_FLOOR * sigma.median()
-            below = sigma < floor
-            if (x.device.type == "cpu" and not torch.compiler.is_compiling()
-                    and not bool(below.any())):
+            count = x[:, 0].numel()
+            momentum = bn.momentum
+            if bn.running_var is None or momentum is None or not 0 < momentum < 1:
+                momentum = None  # cumulative averages: left as BatchNorm keeps them
+            compiling = torch.compiler.is_compiling()
+            terms = _floor_terms if compiling else _floor_terms_kernel
+            unbiasing = torch.tensor(count / max(count - 1, 1), device=x.device)
+            any_below, gain, shift, correction = terms(mean, invstd, unbiasing, bn.eps, momentum)
+            if x.device.type == "cpu" and not compiling and not bool(any_below):
                 # usually no channel is below the floor: on a CPU reading that costs nothing
-                # and spares four passes over the activation and their backward (on a GPU it
-                # would wait for the device, and compiled it would break the graph)
+                # and spares a pass over the activation and its backward (on a GPU it would
+                # wait for the device, and compiled it would break the graph)
                 return None
-            mean, sigma = mean.reshape(1, -1, 1, 1), sigma.reshape(1, -1, 1, 1)
-            below = below.reshape(1, -1, 1, 1)
-            var = (sigma.square() - bn.eps).clamp_min(0.0)  # the biased batch variance
-            # standard BatchNorm of mean + k (x - mean) divides x - mean by sqrt(k^2 var + eps)
-            # / k; this k makes that exactly the floor
-            k = torch.sqrt(bn.eps / (floor**2 - var).clamp_min(bn.eps))
-            self._record_floor(bn, below, k**2 * var, floor**2 - bn.eps, x[:, 0].numel())
+            if correction is not None:
+                bn.running_var.add_(correction.to(bn.running_var))
             # mean + k (x - mean) as one fused pass each way, k x + (1 - k) mean: as a where,
             # subtraction, product and sum (and their backward) the hook cost 23 ms of a 320 ms
             # W4A4 resnet18 step at 32 px, batch 128; now 13 ms. A channel above the floor gets
             # 1 x + 0, x itself
-            gain = torch.where(below, k, 1.0).to(x.dtype)
-            shift = torch.where(below, (1.0 - k) * mean, 0.0).to(x.dtype)
+            gain = gain.reshape(1, -1, 1, 1).to(x.dtype)
+            shift = shift.reshape(1, -1, 1, 1).to(x.dtype)
         return (torch.addcmul(shift, x, gain), *args[1:])
-
-    @staticmethod
-    def _record_floor(bn: nn.Module, below: torch.Tensor, shrunk_var: torch.Tensor,
-                      floor_var: torch.Tensor, count: int) -> None:
-        """Make the running variance of a floored channel track the floor, not the shrunk batch
-        variance: eval mode must divide by what training divided by. BatchNorm's update is
-        ``(1 - m) r + m v``; adding ``m (target - v) / (1 - m)`` to ``r`` first turns it into
-        ``(1 - m) r + m target``."""
-        momentum = bn.momentum
-        if bn.running_var is None or momentum is None or not 0 < momentum < 1:
-            return  # cumulative averages: left as BatchNorm keeps them
-        unbiased = shrunk_var * (count / max(count - 1, 1))
-        shift = (floor_var - unbiased) * (momentum / (1 - momentum))
-        bn.running_var.add_(torch.where(below, shift, 0.0).reshape(-1).to(bn.running_var))
 
 
 def floor_batchnorm_spread(model: nn.Module) -> int:
