@@ -90,3 +90,32 @@ def test_running_variance_of_a_floored_channel_records_the_floor():
     # the other channels keep BatchNorm's own unbiased batch variance
     unbiased = x[:, 1:].var((0, 2, 3), unbiased=True)
     torch.testing.assert_close(bn.running_var[1:], unbiased, rtol=0.01, atol=1e-3)
+
+
+def test_the_floor_arithmetic_runs_on_one_precompiled_graph_equal_to_the_plain_function():
+    """The per-channel arithmetic (median, floor, gain, shift, running-variance correction) is
+    one compiled call, checked against the plain function on its first inputs: none refused,
+    none run by the fallback, and the same terms as the plain function."""
+    from mecqtk.quant import bn_spread
+
+    kernel = bn_spread._floor_terms_kernel
+    refused = sum(graph is None for graph in kernel.compiled.values())
+    fallback_calls = kernel.fallback_calls
+    for channels in (4, 24):  # one graph serves every channel count
+        bn = nn.BatchNorm2d(channels).train()
+        floor_batchnorm_spread(bn)
+        spread = torch.rand(channels, 1, 1, generator=torch.Generator().manual_seed(channels))
+        x = torch.stack([0.5 + spread, -0.5 - spread])  # every channel spread by at least 0.5
+        x[:, 0] = 0.75  # but this one: the same code in both samples
+        _, mean, invstd = torch.ops.aten._native_batch_norm_legit(x, None, None, True, 0.0,
+                                                                  bn.eps)
+        unbiasing = torch.tensor(2.0)
+        fast = kernel(mean, invstd, unbiasing, bn.eps, bn.momentum)
+        plain = bn_spread._floor_terms(mean, invstd, unbiasing, bn.eps, bn.momentum)
+        assert bool(fast[0]) and bool(plain[0])  # channel 0 is below the floor
+        for a, b in zip(fast[1:], plain[1:], strict=True):
+            assert torch.equal(a, b)
+        assert float(fast[1][0]) < 1.0 and float(fast[1][1:].min()) == 1.0  # gains
+        bn(x.requires_grad_(True)).sum().backward()  # the hook itself, through the kernel
+    assert sum(graph is None for graph in kernel.compiled.values()) == refused
+    assert kernel.fallback_calls == fallback_calls
